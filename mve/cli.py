@@ -1,0 +1,123 @@
+"""The ``mve`` command line.
+
+    mve summary classifier --preset seed
+    mve data inspect ../shared/data/cifar10-train-jpeg.tar.gz
+    mve train classifier --local --data PATH --epochs 1 --limit 5000 --out runs/demo
+    mve evaluate runs/demo --data PATH --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger("mve")
+LOG_FORMAT = "%(asctime)s - %(levelname)s - [%(module)s:%(funcName)s] %(message)s"
+
+
+# -- shared options --------------------------------------------------------------------
+
+def _config_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="named recipe preset, e.g. 'seed' (see `mve config show`)")
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="YAML config file; may be repeated, later files win")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="dotted override with a YAML value, e.g. --set optim.lr=3e-4; repeatable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mve import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="mve", description="mve: train, evaluate and inspect CIFAR-scale vision models.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Data: --data PATH, else $MVE_DATA, else the official CIFAR-10 in ~/.cache/mve "
+               "(downloaded when online). PATH may be cifar-10-batches-py, an image-folder tree, "
+               "or a .tar.gz/.zip of either.")
+    parser.add_argument("--version", action="version", version=f"mve {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("summary", help="print a model's plan and layer table",
+                       description="Print the derived plan and a torchinfo layer table ending "
+                                   "with the total parameter count.")
+    s.add_argument("model", choices=["classifier", "vae"])
+    _config_options(s)
+    s.add_argument("--batch-size", type=int, default=100, help="batch size for the table (default 100)")
+    s.add_argument("--depth", type=int, default=3, help="table depth (default 3)")
+
+    c = sub.add_parser("config", help="show the resolved training config as YAML")
+    c.add_argument("action", choices=["show"])
+    c.add_argument("model", choices=["classifier", "vae"])
+    _config_options(c)
+
+    d = sub.add_parser("data", help="inspect a data source")
+    d.add_argument("action", choices=["inspect"])
+    d.add_argument("path", help="cifar-10-batches-py, image folder, or .tar.gz/.zip archive")
+    d.add_argument("--val-size", type=int, default=5000, help="validation images (default 5000)")
+    d.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    d.add_argument("--limit", type=int, help="keep at most N training images, stratified")
+    d.add_argument("--image-size", type=int, help="resize images to this square size")
+    d.add_argument("--no-cache", action="store_true", help="decode without the tensor cache")
+    d.add_argument("--json", action="store_true", help="print one JSON object last")
+
+    t = sub.add_parser("train", help="train a model (one process with --local; Ray Train otherwise)",
+                       description="Train a model. With --local it runs in this process without "
+                                   "Ray, with a progress bar; the output directory becomes a "
+                                   "checkpoint with REPORT.md, plots, config and history.")
+    t.add_argument("model", choices=["classifier", "vae"])
+    t.add_argument("--local", action="store_true", help="train in this process, without Ray")
+    t.add_argument("--data", help="data path (else $MVE_DATA, else official CIFAR-10 in the cache)")
+    t.add_argument("--epochs", type=int, help="number of epochs (overrides the config)")
+    t.add_argument("--limit", type=int, help="at most N training images, stratified (smoke runs)")
+    t.add_argument("--out", help="output directory (default runs/<model>-local)")
+    t.add_argument("--seed", type=int, help="training seed")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the latest epoch checkpoint in --out")
+    t.add_argument("--keep-checkpoints", type=int, default=2,
+                   help="epoch checkpoints to keep under OUT/checkpoints (default 2)")
+    _config_options(t)
+
+    e = sub.add_parser("evaluate", help="evaluate a checkpoint: per-class table, confusion matrix",
+                       description="Evaluate a checkpoint on a data split. Prints the per-class "
+                                   "table and writes a confusion-matrix PNG; with --json the last "
+                                   "line is one JSON object with the metrics.")
+    e.add_argument("checkpoint", help="checkpoint directory (model.safetensors + mve.json)")
+    e.add_argument("--data", help="data path (default: the checkpoint's recorded source)")
+    e.add_argument("--split", choices=["val", "test", "train"], default="val")
+    e.add_argument("--limit", type=int, help="evaluate at most N images, stratified")
+    e.add_argument("--json", action="store_true", help="print one JSON object last")
+    e.add_argument("--out", help="where to write the PNG (default: the checkpoint directory)")
+    e.add_argument("--batch-size", type=int, default=500)
+    e.add_argument("--device", default="auto")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format=LOG_FORMAT, stream=sys.stderr)
+    from mve import commands
+
+    handlers = {"summary": commands.summary, "config": commands.config_show,
+                "data": commands.data_inspect, "train": commands.train,
+                "evaluate": commands.evaluate}
+    try:
+        return handlers[args.command](args) or 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - user-facing errors get one clear line
+        if not commands.is_user_error(exc):
+            raise
+        print(f"mve: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""Implementations of the ``mve`` subcommands (argument parsing lives in :mod:`mve.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("mve")
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Errors caused by input (config, data, checkpoint), shown as one line without traceback."""
+    from mve._validate import ConfigError
+    from mve.checkpoint import CheckpointError
+    from mve.data import DataError
+
+    return isinstance(exc, ConfigError | DataError | CheckpointError | UserError | FileNotFoundError)
+
+
+class UserError(ValueError):
+    """A command-line mistake."""
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise UserError(f"bad --device {name!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but CUDA is not available")
+    return dev
+
+
+def _train_config(args: argparse.Namespace, extra: dict[str, Any] | None = None):
+    from mve.config import load_train_config
+
+    return load_train_config(args.model, preset=args.preset, files=args.config,
+                             overrides=args.overrides, extra=extra)
+
+
+# -- summary / config --------------------------------------------------------------------
+
+def summary(args: argparse.Namespace) -> int:
+    from torchinfo import summary as torchinfo_summary
+
+    from mve.models import build_model
+
+    cfg = _train_config(args)
+    logging.getLogger("mve.models").setLevel(logging.WARNING)  # plan is printed below instead
+    model = build_model(cfg.model, cfg.model_config).eval()
+    plan = getattr(model, "plan", None)
+    if plan is not None:
+        print("\n".join(plan.log_lines()))
+    elif hasattr(model, "plan_lines"):
+        print("\n".join(model.plan_lines()))
+    mc = cfg.model_config
+    size = (args.batch_size, mc.in_channels, mc.input_size, mc.input_size)
+    stats = torchinfo_summary(model, input_size=size, depth=args.depth, verbose=0, device="cpu",
+                              col_names=("output_size", "num_params"))
+    print(str(stats))
+    total = sum(p.numel() for p in model.parameters())
+    print(f"Total parameters: {total:,}")
+    return 0
+
+
+def config_show(args: argparse.Namespace) -> int:
+    print(_train_config(args).to_yaml(), end="")
+    return 0
+
+
+# -- data ------------------------------------------------------------------------------
+
+def data_inspect(args: argparse.Namespace) -> int:
+    from mve.data import load_data
+
+    bundle = load_data(args.path, val_size=args.val_size, seed=args.seed, limit=args.limit,
+                       image_size=args.image_size, use_cache=not args.no_cache, progress=True)
+    prov = bundle.provenance
+    k = len(bundle.class_names)
+    splits = {name: getattr(bundle, name) for name in ("train", "val", "test")}
+    counts = {n: (s.class_counts(k) if s is not None else [0] * k) for n, s in splits.items()}
+    kind = prov.get("kind") + (f" ({prov['archive']} archive)" if prov.get("archive") else "")
+    h, w = bundle.image_size
+    print(f"source:      {prov.get('source')}")
+    print(f"kind:        {kind}")
+    print(f"sha256:      {prov.get('sha256')}")
+    print(f"classes:     {k}")
+    print(f"image size:  {h}x{w}x3")
+    print(f"split seed:  {args.seed}")
+    print()
+    width = max(len(c) for c in bundle.class_names)
+    print(f"| {'class':<{width}} | {'train':>7} | {'val':>7} | {'test':>7} |")
+    print(f"|{'-' * (width + 2)}|{'-' * 9}|{'-' * 9}|{'-' * 9}|")
+    for i, name in enumerate(bundle.class_names):
+        print(f"| {name:<{width}} | {counts['train'][i]:>7,} | {counts['val'][i]:>7,} | "
+              f"{counts['test'][i]:>7,} |")
+    totals = {n: sum(c) for n, c in counts.items()}
+    print(f"| {'total':<{width}} | {totals['train']:>7,} | {totals['val']:>7,} | "
+          f"{totals['test']:>7,} |")
+    print()
+    print("mean (train, [0,1]): " + ", ".join(f"{m:.4f}" for m in bundle.mean))
+    print("std  (train, [0,1]): " + ", ".join(f"{s:.4f}" for s in bundle.std))
+    if args.json:
+        print(json.dumps({"kind": prov.get("kind"), "archive": prov.get("archive"),
+                          "classes": list(bundle.class_names), "counts": totals,
+                          "per_class": counts, "image_size": [h, w, 3],
+                          "mean": list(bundle.mean), "std": list(bundle.std)}))
+    return 0
+
+
+# -- train -----------------------------------------------------------------------------
+
+def train(args: argparse.Namespace) -> int:
+    if not args.local:
+        try:
+            from cluster.train import main_from_cli  # type: ignore[attr-defined]
+        except ImportError:
+            raise UserError("training through Ray Train is not available in this build; "
+                            "pass --local to train in this process") from None
+        return main_from_cli(args)
+    return _train_local(args)
+
+
+def _train_local(args: argparse.Namespace) -> int:
+    from mve.data import load_data, resolve_data_path
+    from mve.report import run_info, write_json, write_run_report
+    from mve.train import fit
+
+    extra: dict[str, Any] = {}
+    if args.epochs is not None:
+        extra["epochs"] = args.epochs
+    if args.seed is not None:
+        extra["seed"] = args.seed
+    if args.limit is not None:
+        extra.setdefault("data", {})["limit"] = args.limit
+    cfg = _train_config(args, extra)
+    data_path = resolve_data_path(args.data or cfg.data.path)
+    out = Path(args.out or f"runs/{cfg.model}-local")
+    out.mkdir(parents=True, exist_ok=True)
+    ckpts = out / "checkpoints"
+    resume = _latest_checkpoint(ckpts) if args.resume else None
+    if args.resume and resume is None:
+        logger.warning("--resume: no epoch checkpoint under %s, starting fresh", ckpts)
+    device = _device(args.device)
+    info = run_info()
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    write_json(out / "run.json", info)
+    data = load_data(data_path, val_size=cfg.data.val_size, seed=cfg.data.split_seed,
+                     limit=cfg.data.limit, image_size=cfg.data.image_size, progress=True)
+    logger.info("data: %s train, %s val, %d classes, from %s", len(data.train),
+                len(data.val) if data.val is not None else 0, len(data.class_names), data_path)
+
+    def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
+        with open(out / "history.jsonl", "a") as f:
+            f.write(json.dumps({k: v for k, v in metrics.items() if not k.startswith("_")}) + "\n")
+        if ckpt_dir is not None:
+            _keep_checkpoint(ckpt_dir, ckpts / f"epoch_{metrics['epoch']:04d}", args.keep_checkpoints)
+
+    if not args.resume:
+        (out / "history.jsonl").unlink(missing_ok=True)
+    result = fit(cfg, data, device=device, report=report, resume_from=resume,
+                 progress=sys.stderr.isatty() or os.environ.get("MVE_PROGRESS") == "1")
+    final = _latest_checkpoint(ckpts)
+    if final is None:
+        raise RuntimeError(f"training finished without writing a checkpoint under {ckpts}")
+    _publish_final(final, out)
+    details = result.final_metrics.get("_val_details", {})
+    write_json(out / "history.json", result.history)
+    from mve.models import get_spec
+
+    write_run_report(out, title=f"mve {cfg.model}", cfg_yaml=cfg.to_yaml(),
+                     history=result.history, eval_metrics=details,
+                     class_names=data.class_names, task=get_spec(cfg.model).task,
+                     command=info["command"])
+    if get_spec(cfg.model).task == "classification" and details:
+        from mve.metrics import per_class_table
+
+        print(per_class_table(details))
+    logger.info("wrote checkpoint and report to %s", out)
+    return 0
+
+
+def _latest_checkpoint(ckpts: Path) -> Path | None:
+    if not ckpts.is_dir():
+        return None
+    found = sorted(p for p in ckpts.glob("epoch_*") if (p / "mve.json").exists())
+    return found[-1] if found else None
+
+
+def _keep_checkpoint(src: Path, dest: Path, keep: int) -> None:
+    """Copies an epoch checkpoint into place atomically and prunes older ones."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    shutil.copytree(src, stage, dirs_exist_ok=True)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.rename(stage, dest)
+    for old in sorted(p for p in dest.parent.glob("epoch_*"))[:-max(1, keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _publish_final(ckpt: Path, out: Path) -> None:
+    """Makes ``out`` itself the final checkpoint (weights + manifest, without optimiser state)."""
+    from mve.checkpoint import load_checkpoint, read_meta, save_checkpoint
+
+    meta = read_meta(ckpt)
+    loaded = load_checkpoint(ckpt)
+    save_checkpoint(out, loaded.model, model_name=meta["model_name"],
+                    model_config=loaded.model_config, preprocessing=meta["preprocessing"],
+                    class_names=meta.get("class_names"), metrics=meta.get("metrics"),
+                    provenance=meta.get("provenance"), train_config=meta.get("train_config"))
+
+
+# -- evaluate --------------------------------------------------------------------------
+
+def evaluate(args: argparse.Namespace) -> int:
+    from mve.checkpoint import load_checkpoint
+    from mve.data import load_data, resolve_data_path
+    from mve.metrics import per_class_table
+    from mve.models import get_spec
+    from mve.plots import plot_confusion_matrix
+    from mve.report import format_vae_metrics
+    from mve.train import evaluate as run_eval
+
+    device = _device(args.device)
+    ckpt = load_checkpoint(args.checkpoint, device=device)
+    prov = ckpt.meta.get("provenance") or {}
+    data_arg = args.data
+    if data_arg is None and prov.get("source") and Path(prov["source"]).exists():
+        data_arg = prov["source"]
+    data_path = resolve_data_path(data_arg)
+    prep = ckpt.preprocessing
+    size = int(prep["input_size"][0])
+    data = load_data(data_path, val_size=int(prov.get("val_size", 5000)),
+                     seed=int(prov.get("split_seed", 0)), image_size=size, progress=True)
+    if ckpt.class_names and list(data.class_names) != list(ckpt.class_names):
+        raise UserError(f"the data's classes {list(data.class_names)} differ from the checkpoint's "
+                        f"{ckpt.class_names}")
+    split = data.split(args.split)
+    if args.limit is not None:
+        split = _stratified_subset(split, args.limit, len(data.class_names))
+    from mve.data import TensorLoader
+
+    loader = TensorLoader(split, batch_size=args.batch_size, mean=prep["mean"], std=prep["std"],
+                          device=device)
+    task = get_spec(ckpt.model_name).task
+    metrics = run_eval(ckpt.model, loader, task=task, device=device,
+                       class_names=ckpt.class_names or list(data.class_names), progress=True)
+    metrics.update({"checkpoint": str(ckpt.path), "checkpoint_id": ckpt.checkpoint_id,
+                    "split": args.split, "data": str(data_path)})
+    if task == "classification":
+        print(f"{ckpt.checkpoint_id} on {args.split} ({len(split):,} images)\n")
+        print(per_class_table(metrics))
+        out = Path(args.out) if args.out else ckpt.path
+        if not os.access(out if out.exists() else out.parent, os.W_OK):
+            out = Path.cwd()
+        png = plot_confusion_matrix(metrics["confusion_matrix"], ckpt.class_names,
+                                    out / f"confusion_matrix_{args.split}.png",
+                                    title=f"{ckpt.checkpoint_id}: {args.split}")
+        metrics["confusion_matrix_png"] = str(png)
+    else:
+        print(format_vae_metrics(metrics))
+    if args.json:
+        print(json.dumps(metrics, default=str))
+    return 0
+
+
+def _stratified_subset(split, limit: int, num_classes: int):
+    from mve.data import Split
+
+    if limit >= len(split):
+        return split
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(split), generator=g)
+    labels = split.labels[order]
+    per_class = [max(1, limit * c // len(split)) for c in split.class_counts(num_classes)]
+    keep = []
+    for k in range(num_classes):
+        keep.append(order[labels == k][: per_class[k]])
+    idx = torch.cat(keep).sort().values[:limit]
+    return Split(split.images[idx], split.labels[idx])

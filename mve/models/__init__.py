@@ -1,0 +1,92 @@
+"""Model registry: one ``build_model(name, config)`` used by training, tuning and serving.
+
+Each family lives in its own module with its typed config dataclass beside it and is
+registered here explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from mve._validate import validate_dataclass
+from mve.models.classifier import PRESETS as CLASSIFIER_PRESETS
+from mve.models.classifier import Classifier, ClassifierConfig
+from mve.models.vae import PRESETS as VAE_PRESETS
+from mve.models.vae import VAE, VAEConfig
+
+__all__ = [
+    "Classifier", "ClassifierConfig", "VAE", "VAEConfig", "ModelSpec", "build_model",
+    "list_models", "get_spec", "make_config", "config_to_dict",
+]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the registry knows about a family."""
+
+    name: str
+    task: str  # "classification" | "generation"
+    config_cls: type
+    builder: Callable[[Any], nn.Module]
+    presets: Mapping[str, Mapping[str, Any]]
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> None:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"model {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+
+
+register_model(ModelSpec("classifier", "classification", ClassifierConfig, Classifier,
+                         CLASSIFIER_PRESETS))
+register_model(ModelSpec("vae", "generation", VAEConfig, VAE, VAE_PRESETS))
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
+
+
+def make_config(name: str, values: Mapping[str, Any] | None = None, *,
+                preset: str | None = None) -> Any:
+    """Builds a validated family config: defaults < preset < values.
+
+    Unknown keys raise ``ValueError`` listing the valid ones.
+    """
+    spec = get_spec(name)
+    merged: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in spec.presets:
+            raise ValueError(f"unknown {name} preset {preset!r}; known: {', '.join(sorted(spec.presets))}")
+        merged.update(spec.presets[preset])
+    merged.update(values or {})
+    return validate_dataclass(spec.config_cls, merged, f"model ({name})")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-friendly dict of a family config (tuples become lists)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
+
+
+def build_model(name: str, config: Any = None) -> nn.Module:
+    """Builds a registered model from a config dataclass, a mapping, or None (defaults)."""
+    spec = get_spec(name)
+    if config is None or isinstance(config, Mapping):
+        config = make_config(name, config)
+    elif not isinstance(config, spec.config_cls):
+        raise TypeError(f"{name} expects a {spec.config_cls.__name__}, got {type(config).__name__}")
+    return spec.builder(config)

@@ -1,0 +1,1 @@
+"""Ray Serve application for mve checkpoints (classifier and VAE)."""

@@ -1,0 +1,655 @@
+"""Unit tests for mve.data: sources, decoded cache, splits, transforms and the tensor loader."""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import os
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+import tarfile
+import types
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mve.data import (
+    AugmentConfig,
+    DataError,
+    RawDataset,
+    Split,
+    TensorLoader,
+    augment_batch,
+    channel_stats,
+    cutout,
+    denormalize_to_uint8,
+    detect_source,
+    load_data,
+    load_source,
+    make_splits,
+    normalize,
+    random_crop,
+    random_flip,
+    resolve_data_path,
+)
+
+CLASSES = tuple(f"class{c:02d}" for c in range(10))
+PER_CLASS = 12
+REAL_ARCHIVE = Path("/work/shared/data/cifar10-train-jpeg.tar.gz")
+
+
+# ----------------------------------------------------------------------------- fake data
+def _pixels(c: int, i: int, size: int = 32) -> np.ndarray:
+    """Random-ish HWC uint8 image whose mean depends on the class."""
+    rng = np.random.default_rng(1000 * c + i)
+    return (rng.integers(0, 64, (size, size, 3)) + 16 * c).astype(np.uint8)
+
+
+def _tree(root: Path, splits: tuple[str, ...], fmt: str = "png") -> dict[str, np.ndarray]:
+    """Write an image-folder tree; ``splits`` = ("",) for flat class folders."""
+    out = {}
+    for s in splits:
+        for c, name in enumerate(CLASSES):
+            for i in range(PER_CLASS):
+                rel = "/".join(p for p in (s, name, f"{i:03d}.{fmt}") if p)
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                arr = _pixels(c, i + 100 * (s == "test"))
+                Image.fromarray(arr).save(root / rel, quality=95) if fmt == "jpg" else \
+                    Image.fromarray(arr).save(root / rel)
+                out[rel] = arr
+    return out
+
+
+def _archive(src: Path, out: Path, wrap: str | None = None) -> Path:
+    """Archive the files under ``src`` into ``out`` (.tar.gz/.tgz/.tar/.zip), optionally wrapped."""
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    names = [(p, "/".join(x for x in (wrap, p.relative_to(src).as_posix()) if x)) for p in files]
+    if out.suffix == ".zip":
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+            for p, name in names:
+                zf.write(p, name)
+    else:
+        with tarfile.open(out, "w:gz" if out.suffix in (".gz", ".tgz") else "w") as tf:
+            for p, name in names:
+                tf.add(p, name)
+    return out
+
+
+class _Py2Pickler(pickle._Pickler):  # type: ignore[name-defined]
+    """Pickle like Python 2 wrote the official CIFAR-10 batches: str/bytes as BINSTRING and
+    numpy.core.multiarray._reconstruct as a plain GLOBAL."""
+
+    dispatch = dict(pickle._Pickler.dispatch)  # type: ignore[attr-defined]
+
+    def _py2str(self, obj: str | bytes) -> None:
+        b = obj.encode("latin1") if isinstance(obj, str) else obj
+        self.write(pickle.BINSTRING + struct.pack("<i", len(b)) + b)
+        self.memoize(obj)
+
+    def save_global(self, obj: object, name: str | None = None) -> None:
+        module = obj.__module__.replace("numpy._core", "numpy.core")
+        self.write(pickle.GLOBAL + f"{module}\n{name or obj.__qualname__}\n".encode())
+        self.memoize(obj)
+
+    dispatch[str] = dispatch[bytes] = _py2str
+    dispatch[type(np.dtype)] = save_global
+
+
+def _cifar_python(folder: Path, py2: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    folder.mkdir(parents=True)
+
+    def dump(obj: dict, f: io.BufferedWriter) -> None:
+        _Py2Pickler(f, protocol=2).dump(obj) if py2 else pickle.dump(obj, f, protocol=2)
+
+    rng = np.random.default_rng(0)
+    images, labels, is_test = [], [], []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (6, 3072)).astype(np.uint8)
+        lab = [int(x) for x in rng.integers(0, 10, 6)]
+        with open(folder / name, "wb") as f:
+            dump({b"batch_label": b"x", b"data": data, b"labels": lab}, f)
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels += lab
+        is_test += [name == "test_batch"] * 6
+    with open(folder / "batches.meta", "wb") as f:
+        dump({b"label_names": [n.encode() for n in CLASSES], b"num_vis": 3072}, f)
+    return np.concatenate(images), np.array(labels), np.array(is_test)
+
+
+def _cifar_binary(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    recs = []
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        rec = rng.integers(0, 256, (4, 3073)).astype(np.uint8)
+        rec[:, 0] %= 10
+        (folder / name).write_bytes(rec.tobytes())
+        recs.append(rec)
+    (folder / "batches.meta.txt").write_text("\n".join(CLASSES) + "\n\n")
+    rec = np.concatenate(recs)
+    return rec[:, 1:].reshape(-1, 3, 32, 32), rec[:, 0].astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def fake(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Read-only fake sources shared by the tests."""
+    root = tmp_path_factory.mktemp("fake")
+    d: dict = {"arrays": {}}
+    for name, splits in {"flat": ("",), "train_only": ("train",),
+                         "train_test": ("train", "test"), "test_only": ("test",)}.items():
+        d[name] = root / name
+        d["arrays"][name] = _tree(d[name], splits)
+    d["jpeg"] = root / "jpeg"
+    _tree(d["jpeg"], ("train",), fmt="jpg")
+    arch = root / "arch"
+    arch.mkdir()
+    d["tgz"] = _archive(d["train_test"], arch / "tt.tar.gz")
+    d["tgz_wrapped"] = _archive(d["train_test"], arch / "wrapped.tgz", wrap="mydata")
+    d["tar"] = _archive(d["flat"], arch / "flat.tar", wrap="flat")
+    d["zip"] = _archive(d["train_only"], arch / "train.zip")
+    d["zip_wrapped"] = _archive(d["test_only"], arch / "test.zip", wrap="top")
+    d["cifar_parent"] = root / "cifar_parent"
+    d["cifar_py"] = d["cifar_parent"] / "cifar-10-batches-py"
+    d["cifar_arrays"] = _cifar_python(d["cifar_py"])
+    d["cifar_py2"] = root / "py2" / "cifar-10-batches-py"
+    assert _cifar_python(d["cifar_py2"], py2=True)[0].tobytes() == d["cifar_arrays"][0].tobytes()
+    (d["cifar_parent"] / "unrelated.txt").write_text("other things next to the release")
+    d["cifar_tgz"] = _archive(d["cifar_py"], arch / "cifar-10-python.tar.gz",
+                              wrap="cifar-10-batches-py")
+    d["cifar_bin"] = root / "cifar-10-batches-bin"
+    d["cifar_bin_arrays"] = _cifar_binary(d["cifar_bin"])
+    d["cifar_bin_zip"] = _archive(d["cifar_bin"], arch / "bin.zip", wrap="cifar-10-batches-bin")
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MVE_CACHE_DIR", str(tmp_path / "default-cache"))
+
+
+def _expected(arrays: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images/labels/is_test in the documented order: train before test, then sorted path."""
+    rels = sorted(arrays, key=lambda r: (r.startswith("test/"), r))
+    cls = [next(p for p in r.split("/") if p in CLASSES) for r in rels]
+    imgs = np.stack([arrays[r].transpose(2, 0, 1) for r in rels])
+    return (torch.from_numpy(imgs), torch.tensor([CLASSES.index(c) for c in cls]),
+            torch.tensor([r.startswith("test/") for r in rels]))
+
+
+# ----------------------------------------------------------------------------- detection/decoding
+@pytest.mark.parametrize("key,kind,archive", [
+    ("flat", "image-folder", None), ("train_only", "image-folder", None),
+    ("train_test", "image-folder", None), ("test_only", "image-folder", None),
+    ("tgz", "image-folder", "tar.gz"), ("tgz_wrapped", "image-folder", "tar.gz"),
+    ("tar", "image-folder", "tar"), ("zip", "image-folder", "zip"),
+    ("zip_wrapped", "image-folder", "zip"), ("cifar_py", "cifar10-python", None),
+    ("cifar_parent", "cifar10-python", None), ("cifar_tgz", "cifar10-python", "tar.gz"),
+    ("cifar_bin", "cifar10-binary", None), ("cifar_bin_zip", "cifar10-binary", "zip"),
+])
+def test_detect_source(fake: dict, key: str, kind: str, archive: str | None) -> None:
+    assert detect_source(fake[key]) == (kind, archive)
+
+
+@pytest.mark.parametrize("key,arrays", [
+    ("flat", "flat"), ("train_only", "train_only"), ("train_test", "train_test"),
+    ("test_only", "test_only"), ("tgz", "train_test"), ("tgz_wrapped", "train_test"),
+    ("tar", "flat"), ("zip", "train_only"), ("zip_wrapped", "test_only"),
+])
+def test_image_folder_png_pixel_exact(fake: dict, key: str, arrays: str) -> None:
+    raw = load_source(fake[key], use_cache=False)
+    images, labels, is_test = _expected(fake["arrays"][arrays])
+    assert raw.class_names == CLASSES
+    assert raw.images.dtype == torch.uint8 and raw.labels.dtype == torch.int64
+    assert raw.is_test.dtype == torch.bool
+    assert torch.equal(raw.images, images)
+    assert torch.equal(raw.labels, labels)
+    assert torch.equal(raw.is_test, is_test)
+    assert raw.source == str(Path(fake[key]).absolute()) and not raw.from_cache
+
+
+def test_jpeg_folder_decodes_close(fake: dict, capfd: pytest.CaptureFixture) -> None:
+    raw = load_source(fake["jpeg"], use_cache=False, progress=True)
+    assert "120/120" in capfd.readouterr().err
+    images, labels, _ = _expected(fake["arrays"]["train_only"])
+    assert raw.images.shape == (120, 3, 32, 32) and torch.equal(raw.labels, labels)
+    err = (raw.images.float() - images.float()).abs().mean()
+    assert err < 12, err  # lossy, but the same pictures
+
+
+@pytest.mark.parametrize("key", ["cifar_py", "cifar_parent", "cifar_tgz", "cifar_py2"])
+def test_cifar_python_pixel_exact(fake: dict, key: str) -> None:
+    images, labels, is_test = fake["cifar_arrays"]
+    raw = load_source(fake[key], use_cache=False)
+    assert (raw.kind, raw.class_names) == ("cifar10-python", CLASSES)
+    assert torch.equal(raw.images, torch.from_numpy(images))
+    assert raw.labels.tolist() == labels.tolist() and raw.is_test.tolist() == is_test.tolist()
+
+
+@pytest.mark.parametrize("key", ["cifar_bin", "cifar_bin_zip"])
+def test_cifar_binary_pixel_exact(fake: dict, key: str) -> None:
+    images, labels = fake["cifar_bin_arrays"]
+    raw = load_source(fake[key], use_cache=False)
+    assert (raw.kind, raw.class_names) == ("cifar10-binary", CLASSES)
+    assert torch.equal(raw.images, torch.from_numpy(images))
+    assert raw.labels.tolist() == labels.tolist() and raw.is_test.sum() == 4
+
+
+def test_corrupt_archives(fake: dict, tmp_path: Path) -> None:
+    data = fake["tgz"].read_bytes()
+    cases = {"trunc.tar.gz": data[: len(data) // 2], "junk.tgz": b"not an archive" * 100,
+             "trunc.zip": fake["zip"].read_bytes()[:-200]}
+    zbytes = bytearray(fake["zip"].read_bytes())
+    zbytes[200:260] = bytes(60)  # damage member data: CRC/inflate error when read
+    cases["crc.zip"] = bytes(zbytes)
+    for name, blob in cases.items():
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(DataError, match="corrupt|cannot decode") as info:
+            load_source(tmp_path / name, use_cache=False)
+        assert name in str(info.value) and info.value.__cause__ is not None
+
+
+def test_undecodable_image(fake: dict, tmp_path: Path) -> None:
+    shutil.copytree(fake["flat"], tmp_path / "d")
+    (tmp_path / "d" / CLASSES[3] / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(DataError, match="bad.png") as info:
+        load_source(tmp_path / "d", use_cache=False)
+    assert info.value.__cause__ is not None
+
+
+def test_bad_paths(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "texts" / "a").mkdir(parents=True)
+    (tmp_path / "texts" / "a" / "readme.txt").write_text("x")
+    (tmp_path / "deep" / "a" / "b" / "c").mkdir(parents=True)
+    Image.fromarray(_pixels(0, 0)).save(tmp_path / "deep" / "a" / "b" / "c" / "x.png")
+    for p in ("missing", "empty", "notes.txt", "texts", "deep"):
+        with pytest.raises(DataError, match="expected") as info:
+            detect_source(tmp_path / p)
+        assert str(tmp_path / p) in str(info.value)
+    with pytest.raises(DataError, match="does not exist"):
+        load_source(tmp_path / "missing")
+
+
+def test_train_test_class_mismatch(fake: dict, tmp_path: Path) -> None:
+    shutil.copytree(fake["train_test"], tmp_path / "d")
+    shutil.rmtree(tmp_path / "d" / "test" / CLASSES[0])
+    with pytest.raises(DataError, match="disagree"):
+        detect_source(tmp_path / "d")
+
+
+class _Evil:
+    def __init__(self, func: object, args: tuple) -> None:
+        self.func, self.args = func, args
+
+    def __reduce__(self) -> tuple:
+        return self.func, self.args
+
+
+@pytest.mark.parametrize("how", ["system", "open"])
+def test_malicious_pickle_refused(fake: dict, tmp_path: Path, how: str) -> None:
+    shutil.copytree(fake["cifar_py"], tmp_path / "cifar-10-batches-py")
+    marker = tmp_path / "pwned"
+    evil = _Evil(os.system, (f"touch {marker}",)) if how == "system" else _Evil(open, (
+        str(marker), "w"))
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(
+        pickle.dumps({b"data": evil, b"labels": []}, protocol=2))
+    with pytest.raises(DataError, match="refusing to unpickle"):
+        load_source(tmp_path, use_cache=False)
+    assert not marker.exists()
+
+
+def test_image_size(fake: dict, tmp_path: Path) -> None:
+    shutil.copytree(fake["flat"], tmp_path / "d")
+    big = np.random.default_rng(5).integers(0, 256, (40, 48, 3)).astype(np.uint8)
+    Image.fromarray(big).save(tmp_path / "d" / CLASSES[9] / "zz.png")
+    with pytest.raises(DataError, match="image_size"):
+        load_source(tmp_path / "d", use_cache=False)
+    raw = load_source(tmp_path / "d", image_size=16, use_cache=False)
+    assert raw.images.shape == (121, 3, 16, 16)
+    want = np.asarray(Image.fromarray(big).resize((16, 16), Image.Resampling.BILINEAR))
+    assert torch.equal(raw.images[-1], torch.from_numpy(want.transpose(2, 0, 1).copy()))
+    cifar = load_source(fake["cifar_py"], image_size=8, use_cache=False)
+    assert cifar.images.shape == (36, 3, 8, 8)
+
+
+# ----------------------------------------------------------------------------- cache
+def test_cache_hit_and_invalidation(fake: dict, tmp_path: Path) -> None:
+    shutil.copytree(fake["train_only"], tmp_path / "d")
+    cache = tmp_path / "cache"
+    first = load_source(tmp_path / "d", cache_dir=cache)
+    second = load_source(tmp_path / "d", cache_dir=cache)
+    assert not first.from_cache and second.from_cache
+    assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
+    assert second.class_names == CLASSES and second.kind == "image-folder"
+    assert len(list(cache.glob("*.safetensors"))) == len(list(cache.glob("*.json"))) == 1
+    assert not list(cache.glob("*.pkl")) and not list(cache.glob("*.tmp"))
+    target = tmp_path / "d" / "train" / CLASSES[0] / "000.png"
+    Image.fromarray(255 - _pixels(0, 0)).save(target)
+    os.utime(target, ns=(1, 1))
+    third = load_source(tmp_path / "d", cache_dir=cache)
+    assert not third.from_cache and third.sha256 != first.sha256
+    assert torch.equal(third.images[0], torch.from_numpy(255 - _pixels(0, 0)).permute(2, 0, 1))
+    shutil.copy(fake["tgz"], tmp_path / "a.tar.gz")
+    assert not load_source(tmp_path / "a.tar.gz", cache_dir=cache).from_cache
+    assert load_source(tmp_path / "a.tar.gz", cache_dir=cache).from_cache
+    shutil.copy(fake["tgz_wrapped"], tmp_path / "a.tar.gz")
+    assert not load_source(tmp_path / "a.tar.gz", cache_dir=cache).from_cache
+
+
+def test_default_cache_dir_from_env(fake: dict, tmp_path: Path) -> None:
+    load_source(fake["cifar_py"])
+    assert len(list((tmp_path / "default-cache").glob("*.safetensors"))) == 1
+    assert load_source(fake["cifar_py"]).from_cache
+    assert not load_source(fake["cifar_py"], use_cache=False).from_cache
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage_json", "delete_tensors"])
+def test_corrupt_cache_recovered(fake: dict, tmp_path: Path, damage: str) -> None:
+    cache = tmp_path / "cache"
+    good = load_source(fake["zip"], cache_dir=cache)
+    st, js = next(cache.glob("*.safetensors")), next(cache.glob("*.json"))
+    if damage == "truncate":
+        st.write_bytes(st.read_bytes()[:1000])
+    elif damage == "garbage_json":
+        js.write_text("{not json")
+    else:
+        st.unlink()
+    again = load_source(fake["zip"], cache_dir=cache)
+    assert not again.from_cache and torch.equal(again.images, good.images)
+    assert load_source(fake["zip"], cache_dir=cache).from_cache
+
+
+def _cache_worker(src: str, cache: str, barrier, queue) -> None:  # noqa: ANN001 - mp objects
+    barrier.wait(timeout=120)
+    raw = load_source(src, cache_dir=cache)
+    queue.put((raw.from_cache, raw.images.numpy().tobytes(), raw.labels.tolist()))
+
+
+def test_concurrent_cache_fill(fake: dict, tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    barrier, queue = ctx.Barrier(3), ctx.Queue()
+    cache = tmp_path / "cache"
+    procs = [ctx.Process(target=_cache_worker, args=(str(fake["tgz"]), str(cache), barrier, queue))
+             for _ in range(3)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=180) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert sum(not hit for hit, _, _ in results) == 1  # exactly one process decoded
+    assert len({(img, tuple(lab)) for _, img, lab in results}) == 1
+    assert len(list(cache.glob("*.safetensors"))) == len(list(cache.glob("*.json"))) == 1
+    assert not list(cache.glob(".*.tmp"))
+    raw = load_source(fake["tgz"], cache_dir=cache)
+    assert raw.from_cache and raw.images.numpy().tobytes() == results[0][1]
+
+
+# ----------------------------------------------------------------------------- splits
+def _synthetic(sizes: list[int], n_test: int = 0) -> RawDataset:
+    """A RawDataset whose pixel [0, 0, 0:2] encodes the image index (to track identity)."""
+    labels = torch.cat([torch.full((s,), c) for c, s in enumerate(sizes)])
+    labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(3))]
+    n = len(labels) + n_test
+    labels = torch.cat([labels, torch.arange(n_test) % len(sizes)])
+    images = torch.randint(0, 256, (n, 3, 4, 4), generator=torch.Generator().manual_seed(4),
+                           dtype=torch.uint8)
+    images[:, 0, 0, 0], images[:, 0, 0, 1] = torch.arange(n) % 256, torch.arange(n) // 256
+    is_test = torch.arange(n) >= n - n_test
+    return RawDataset("image-folder", None, images, labels, is_test,
+                      tuple(f"c{i}" for i in range(len(sizes))), "/fake", "0" * 64, False)
+
+
+def _ids(split: Split | None) -> set[int]:
+    if split is None:
+        return set()
+    return set((split.images[:, 0, 0, 0].long() + 256 * split.images[:, 0, 0, 1].long()).tolist())
+
+
+def test_splits_deterministic_stratified_disjoint() -> None:
+    raw = _synthetic([100, 80, 120, 90, 60], n_test=25)
+    a, b = make_splits(raw, val_size=50, seed=7), make_splits(raw, val_size=50, seed=7)
+    assert torch.equal(a.val.images, b.val.images) and torch.equal(a.train.labels, b.train.labels)
+    assert a.val.class_counts(5) == [10] * 5
+    assert a.train.class_counts(5) == [90, 70, 110, 80, 50]
+    assert not _ids(a.train) & _ids(a.val) and len(_ids(a.train) | _ids(a.val)) == 450
+    assert _ids(a.test) == set(range(450, 475)) and not (_ids(a.train) | _ids(a.val)) & _ids(a.test)
+    other = make_splits(raw, val_size=50, seed=8)
+    assert _ids(other.val) != _ids(a.val)
+    prov = json.loads(json.dumps(a.provenance))
+    assert prov["counts"] == {"train": 400, "val": 50, "test": 25}
+    assert (prov["split_seed"], prov["val_size"], prov["image_size"]) == (7, 50, [4, 4])
+    remainder = make_splits(raw, val_size=13, seed=0)
+    assert remainder.val.class_counts(5) == [3, 3, 3, 2, 2]
+
+
+def test_limit_independent_and_stratified() -> None:
+    raw = _synthetic([100, 80, 120, 90, 60])
+    full = make_splits(raw, val_size=50, seed=1)
+    for limit in (37, 200):
+        lim = make_splits(raw, val_size=50, seed=1, limit=limit)
+        assert torch.equal(lim.val.images, full.val.images)
+        assert len(lim.train) == limit and _ids(lim.train) <= _ids(full.train)
+        counts = lim.train.class_counts(5)
+        for c, n in enumerate([90, 70, 110, 80, 50]):
+            assert abs(counts[c] - limit * n / 400) < 1
+        assert torch.equal(make_splits(raw, val_size=50, seed=1, limit=limit).train.images,
+                           lim.train.images)
+    assert len(make_splits(raw, val_size=50, limit=10_000).train) == 400
+
+
+def test_split_errors_and_edge_cases(fake: dict) -> None:
+    raw = _synthetic([20, 5])
+    with pytest.raises(DataError, match="too few"):
+        make_splits(raw, val_size=10)
+    none = make_splits(raw, val_size=0)
+    assert none.val is None and len(none.train) == 25
+    with pytest.raises(DataError, match="available splits: \\['train'\\]"):
+        none.split("val")
+    with pytest.raises(DataError, match="unknown split"):
+        none.split("validation")
+    test_only = load_data(fake["test_only"], use_cache=False)
+    assert len(test_only.train) == 0 and test_only.val is None and len(test_only.test) == 120
+    assert test_only.split("test") is test_only.test
+    with pytest.raises(DataError, match="train split .* empty"):
+        test_only.split("train")
+    assert test_only.provenance["stats_split"] == "test"
+    bundle = load_data(fake["train_test"], val_size=20, use_cache=False)
+    assert [len(bundle.split(n)) for n in ("train", "val", "test")] == [100, 20, 120]
+    assert bundle.class_names == CLASSES and bundle.image_size == (32, 32)
+
+
+def test_normalisation_stats_match_direct() -> None:
+    raw = _synthetic([30, 30, 30], n_test=10)
+    bundle = make_splits(raw, val_size=9, seed=0, limit=50)
+    x = bundle.train.images.numpy().astype(np.float64) / 255
+    assert np.allclose(bundle.mean, x.mean(axis=(0, 2, 3)), atol=1e-12)
+    assert np.allclose(bundle.std, x.std(axis=(0, 2, 3)), atol=1e-12)
+    assert all(isinstance(v, float) for v in bundle.mean + bundle.std)
+    mean, std = channel_stats(bundle.train.images, chunk=7)
+    assert np.allclose(mean, bundle.mean) and np.allclose(std, bundle.std)
+
+
+# ----------------------------------------------------------------------------- transforms
+def _batch(n: int = 16, size: int = 8) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(0),
+                         dtype=torch.uint8)
+
+
+def test_normalize_roundtrip() -> None:
+    x, mean, std = _batch(), (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
+    y = normalize(x, mean, std)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    assert torch.allclose(y[:, 1], (x[:, 1].double() / 255 - 0.4).float() / 0.2, atol=1e-5)
+    assert torch.equal(denormalize_to_uint8(y, mean, std), x)
+
+
+def test_augment_identity_and_flip() -> None:
+    x, g = _batch(), torch.Generator().manual_seed(0)
+    cfg = AugmentConfig(crop_padding=0, flip=False)
+    assert torch.equal(augment_batch(x, cfg, g), x)
+    assert torch.equal(augment_batch(x.float(), cfg, g), x.float())
+    mask = torch.arange(16) % 2 == 0
+    out = augment_batch(x, cfg, g, flip_mask=mask)
+    assert torch.equal(out[mask], x[mask].flip(-1)) and torch.equal(out[~mask], x[~mask])
+    flipped = random_flip(x, torch.Generator().manual_seed(1))
+    same = (flipped == x).flatten(1).all(1)
+    assert torch.equal(flipped[~same], x[~same].flip(-1)) and 0 < int(same.sum()) < 16
+    with pytest.raises(ValueError):
+        AugmentConfig(pad_mode="wrap")
+    with pytest.raises(ValueError):
+        AugmentConfig(crop_padding=-1)
+
+
+@pytest.mark.parametrize("pad_mode", ["reflect", "zeros"])
+def test_random_crop_matches_padded_windows(pad_mode: str) -> None:
+    x, p = _batch(32), 2
+    out = random_crop(x, p, torch.Generator().manual_seed(3), pad_mode)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    padded = torch.nn.functional.pad(x.float(), (p, p, p, p),
+                                     mode="reflect" if pad_mode == "reflect" else "constant")
+    windows = padded.unfold(2, 8, 1).unfold(3, 8, 1)  # [B, C, 5, 5, 8, 8]
+    hits = (windows == out.float()[:, :, None, None]).all(-1).all(-1).all(1)  # [B, 5, 5]
+    assert hits.flatten(1).any(1).all()
+    assert not hits[:, p, p].all()  # some images actually moved
+    assert torch.equal(random_crop(x, 0, torch.Generator()), x)
+
+
+def test_cutout_zeroes_square() -> None:
+    x = torch.full((64, 3, 8, 8), 7, dtype=torch.uint8)
+    out = cutout(x, 4, torch.Generator().manual_seed(0))
+    zeros = (out == 0).all(1).flatten(1).sum(1)
+    assert zeros.max() == 16 and zeros.min() >= 4 and torch.equal(out[out != 0], x[out != 0])
+
+
+# ----------------------------------------------------------------------------- loader
+def _id_split(n: int) -> Split:
+    """Labels equal the sample index, so batches reveal which samples they hold."""
+    return Split(_batch(n, 4), torch.arange(n))
+
+
+def test_loader_covers_every_sample_once() -> None:
+    split = _id_split(23)
+    loader = TensorLoader(split, batch_size=5, mean=(0.5,) * 3, std=(0.25,) * 3)
+    batches = list(loader)
+    assert len(loader) == len(batches) == 5 and loader.num_samples == 23
+    assert torch.cat([y for _, y in batches]).tolist() == list(range(23))
+    x = torch.cat([x for x, _ in batches])
+    assert x.dtype == torch.float32 and torch.equal(x, normalize(split.images, (0.5,) * 3,
+                                                                 (0.25,) * 3))
+    dropped = TensorLoader(split, batch_size=5, mean=(0,) * 3, std=(1,) * 3, drop_last=True)
+    assert len(dropped) == 4 == len(list(dropped)) and dropped.num_samples == 20
+
+
+def test_loader_sharding_and_epochs() -> None:
+    split = _id_split(23)
+    kw = {"batch_size": 4, "mean": (0,) * 3, "std": (1,) * 3, "shuffle": True, "seed": 5}
+    ranks = [TensorLoader(split, rank=r, world_size=2, **kw) for r in range(2)]
+    seen = [torch.cat([y for _, y in loader]).tolist() for loader in ranks]
+    assert [len(s) for s in seen] == [12, 12] == [r.num_samples for r in ranks]
+    assert set(seen[0]) | set(seen[1]) == set(range(23))
+    assert len(set(seen[0]) & set(seen[1])) == 1  # the one padding repeat
+    perm = torch.cat([y for _, y in TensorLoader(split, **kw)]).tolist()  # same epoch perm
+    assert sorted(perm) == list(range(23)) and perm != list(range(23))
+    assert seen == [(perm + perm[:1])[r::2] for r in range(2)]  # padded from the start, strided
+    first = [y.tolist() for _, y in ranks[0]]
+    ranks[0].set_epoch(1)
+    assert [y.tolist() for _, y in ranks[0]] != first
+    ranks[0].set_epoch(0)
+    assert [y.tolist() for _, y in ranks[0]] == first
+    strict = [TensorLoader(split, rank=r, world_size=2, drop_last=True, **kw) for r in range(2)]
+    got = [torch.cat([y for _, y in loader]).tolist() for loader in strict]
+    assert len(got[0]) == len(got[1]) == 8 and not set(got[0]) & set(got[1])
+
+
+def test_loader_augmentation_seeded() -> None:
+    split = _id_split(40)
+    kw = {"batch_size": 16, "mean": (0,) * 3, "std": (1,) * 3,
+          "augment": AugmentConfig(crop_padding=1, cutout=2), "seed": 3}
+    a, b = TensorLoader(split, **kw), TensorLoader(split, **kw)
+    xa, xb = torch.cat([x for x, _ in a]), torch.cat([x for x, _ in b])
+    assert torch.equal(xa, xb) and not torch.equal(xa, normalize(split.images, (0,) * 3, (1,) * 3))
+    b.set_epoch(1)
+    assert not torch.equal(xa, torch.cat([x for x, _ in b]))
+
+
+def test_alternating_flip_complements() -> None:
+    split = _id_split(64)
+    cfg = AugmentConfig(crop_padding=0, flip=True, alternating_flip=True)
+    loader = TensorLoader(split, batch_size=10, mean=(0,) * 3, std=(1,) * 3, augment=cfg,
+                          shuffle=True, seed=2)
+    flips = []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        order, xs = zip(*[(y, x) for x, y in loader], strict=True)
+        x = torch.empty(64, 3, 4, 4)
+        x[torch.cat(order)] = torch.cat(xs)
+        orig = split.images.float() / 255
+        flipped = torch.isclose(x, orig.flip(-1)).flatten(1).all(1)
+        assert (flipped | torch.isclose(x, orig).flatten(1).all(1)).all()
+        flips.append(flipped)
+    assert 10 < int(flips[0].sum()) < 54
+    assert torch.equal(flips[1], ~flips[0]) and torch.equal(flips[2], flips[0])
+
+
+# ----------------------------------------------------------------------------- paths, misc
+def test_resolve_data_path(fake: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MVE_DATA", raising=False)
+    assert resolve_data_path(fake["tgz"]) == fake["tgz"]
+    with pytest.raises(DataError, match="does not exist"):
+        resolve_data_path(tmp_path / "nope")
+    monkeypatch.setenv("MVE_DATA", str(fake["flat"]))
+    assert resolve_data_path(None) == fake["flat"]
+    monkeypatch.delenv("MVE_DATA")
+    with pytest.raises(DataError, match="MVE_DATA"):
+        resolve_data_path(None, download=False)
+
+    def offline(**kwargs: object) -> None:
+        raise OSError("network unreachable")
+
+    fake_tv = types.ModuleType("torchvision")
+    fake_tv.datasets = types.SimpleNamespace(CIFAR10=offline)
+    monkeypatch.setitem(sys.modules, "torchvision", fake_tv)
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", fake_tv.datasets)
+    with pytest.raises(DataError, match="--data .*MVE_DATA") as info:
+        resolve_data_path(None)
+    assert isinstance(info.value.__cause__, OSError)
+    target = tmp_path / "home" / ".cache" / "mve" / "cifar-10-batches-py"
+    shutil.copytree(fake["cifar_py"], target)
+    assert resolve_data_path(None) == target
+
+
+def test_real_archive_detect() -> None:
+    if not REAL_ARCHIVE.is_file():
+        pytest.skip(f"{REAL_ARCHIVE} not present")
+    assert detect_source(REAL_ARCHIVE) == ("image-folder", "tar.gz")
+
+
+def test_import_has_no_ray_and_no_side_effects(tmp_path: Path) -> None:
+    code = ("import sys, mve.data; assert 'ray' not in sys.modules, 'ray imported'; "
+            "import os; assert not os.listdir('.'), os.listdir('.')")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, timeout=120)
+
+
+def test_cache_files_are_safetensors_and_json(fake: dict, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    load_source(fake["cifar_bin"], cache_dir=tmp_path)
+    assert {p.suffix for p in tmp_path.iterdir()} <= {".safetensors", ".json", ".lock"}
+    with safe_open(str(next(tmp_path.glob("*.safetensors"))), framework="pt") as f:
+        assert set(f.keys()) == {"images", "labels", "is_test"}
+        assert f.get_tensor("images").dtype == torch.uint8
+    info = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert info["kind"] == "cifar10-binary" and info["class_names"] == list(CLASSES)
+    assert info["counts"] == {"total": 24, "train": 20, "test": 4}
