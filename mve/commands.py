@@ -30,6 +30,11 @@ class UserError(ValueError):
     """A command-line mistake."""
 
 
+def _tty() -> bool:
+    """Progress bars on an interactive terminal, or when MVE_PROGRESS=1."""
+    return sys.stderr.isatty() or os.environ.get("MVE_PROGRESS") == "1"
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -85,7 +90,7 @@ def data_inspect(args: argparse.Namespace) -> int:
     from mve.data import load_data
 
     bundle = load_data(args.path, val_size=args.val_size, seed=args.seed, limit=args.limit,
-                       image_size=args.image_size, use_cache=not args.no_cache, progress=True)
+                       image_size=args.image_size, use_cache=not args.no_cache, progress=_tty())
     prov = bundle.provenance
     k = len(bundle.class_names)
     splits = {name: getattr(bundle, name) for name in ("train", "val", "test")}
@@ -157,7 +162,7 @@ def _train_local(args: argparse.Namespace) -> int:
     (out / "config.yaml").write_text(cfg.to_yaml())
     write_json(out / "run.json", info)
     data = load_data(data_path, val_size=cfg.data.val_size, seed=cfg.data.split_seed,
-                     limit=cfg.data.limit, image_size=cfg.data.image_size, progress=True)
+                     limit=cfg.data.limit, image_size=cfg.data.image_size, progress=_tty())
     logger.info("data: %s train, %s val, %d classes, from %s", len(data.train),
                 len(data.val) if data.val is not None else 0, len(data.class_names), data_path)
 
@@ -170,7 +175,7 @@ def _train_local(args: argparse.Namespace) -> int:
     if not args.resume:
         (out / "history.jsonl").unlink(missing_ok=True)
     result = fit(cfg, data, device=device, report=report, resume_from=resume,
-                 progress=sys.stderr.isatty() or os.environ.get("MVE_PROGRESS") == "1")
+                 progress=_tty())
     final = _latest_checkpoint(ckpts)
     if final is None:
         raise RuntimeError(f"training finished without writing a checkpoint under {ckpts}")
@@ -243,7 +248,7 @@ def evaluate(args: argparse.Namespace) -> int:
     prep = ckpt.preprocessing
     size = int(prep["input_size"][0])
     data = load_data(data_path, val_size=int(prov.get("val_size", 5000)),
-                     seed=int(prov.get("split_seed", 0)), image_size=size, progress=True)
+                     seed=int(prov.get("split_seed", 0)), image_size=size, progress=_tty())
     if ckpt.class_names and list(data.class_names) != list(ckpt.class_names):
         raise UserError(f"the data's classes {list(data.class_names)} differ from the checkpoint's "
                         f"{ckpt.class_names}")
@@ -256,7 +261,7 @@ def evaluate(args: argparse.Namespace) -> int:
                           device=device)
     task = get_spec(ckpt.model_name).task
     metrics = run_eval(ckpt.model, loader, task=task, device=device,
-                       class_names=ckpt.class_names or list(data.class_names), progress=True)
+                       class_names=ckpt.class_names or list(data.class_names), progress=_tty())
     metrics.update({"checkpoint": str(ckpt.path), "checkpoint_id": ckpt.checkpoint_id,
                     "split": args.split, "data": str(data_path)})
     if task == "classification":

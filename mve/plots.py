@@ -43,6 +43,8 @@ def _save_atomic(fig: Figure, path: str | os.PathLike[str], **savefig_kwargs: An
     tmp = out.parent / f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
     try:
         with open(tmp, "xb") as fh:
+            savefig_kwargs.setdefault("bbox_inches", "tight")
+            savefig_kwargs.setdefault("pad_inches", 0.1)
             fig.savefig(fh, format="png", **savefig_kwargs)
         os.replace(tmp, out)
     except BaseException:

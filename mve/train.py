@@ -293,13 +293,12 @@ def fit(cfg: TrainConfig, data: DataBundle, *, device: torch.device | str = "cpu
         metrics = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in train_m.items()}}
         if rank == 0 and val_loader is not None:
             val_m = evaluate(model, val_loader, task=spec.task, device=device,
-                             class_names=class_names, precision=cfg.precision,
-                             label_smoothing=cfg.label_smoothing)
+                             class_names=class_names, precision=cfg.precision)
             metrics.update({f"val_{k}": v for k, v in val_m.items()
                             if isinstance(v, int | float)})
             metrics["_val_details"] = val_m
         history.append({k: v for k, v in metrics.items() if not k.startswith("_")})
-        if show:
+        if rank == 0:
             logger.info("epoch %d: %s", epoch + 1, _brief(history[-1]))
         ckpt_dir = None
         is_last = epoch + 1 == cfg.epochs
