@@ -138,6 +138,7 @@ def train(args: argparse.Namespace) -> int:
 
 
 def _train_local(args: argparse.Namespace) -> int:
+    from mve.checkpoint import read_meta
     from mve.data import load_data, resolve_data_path
     from mve.report import run_info, write_json, write_run_report
     from mve.train import fit
@@ -184,6 +185,11 @@ def _train_local(args: argparse.Namespace) -> int:
     write_json(out / "history.json", result.history)
     from mve.models import get_spec
 
+    if get_spec(cfg.model).task == "generation" and data.val is not None and len(data.val):
+        from mve.report import vae_grids
+
+        prep = read_meta(out)["preprocessing"]
+        vae_grids(result.model.cpu(), data.val.images, out, mean=prep["mean"], std=prep["std"])
     write_run_report(out, title=f"mve {cfg.model}", cfg_yaml=cfg.to_yaml(),
                      history=result.history, eval_metrics=details,
                      class_names=data.class_names, task=get_spec(cfg.model).task,

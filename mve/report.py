@@ -16,7 +16,7 @@ import torch
 from mve import __version__
 from mve.metrics import per_class_table
 
-__all__ = ["run_info", "write_json", "write_run_report", "format_vae_metrics"]
+__all__ = ["run_info", "write_json", "write_run_report", "format_vae_metrics", "vae_grids"]
 
 
 def _git_sha() -> dict[str, Any]:
@@ -85,7 +85,34 @@ def write_run_report(out: str | Path, *, title: str, cfg_yaml: str, history: lis
                   "![confusion matrix](confusion_matrix.png)", ""]
     elif eval_metrics:
         parts += ["## Validation", "", format_vae_metrics(eval_metrics), ""]
+    for name, caption in (("reconstructions.png", "Validation images (odd rows) and their "
+                           "reconstructions (even rows)"), ("samples.png", "Samples from the prior")):
+        if (out / name).exists():
+            parts += [f"## {caption}", "", f"![{name}]({name})", ""]
     parts += ["## Config", "", "```yaml", cfg_yaml.rstrip(), "```", ""]
     path = out / "REPORT.md"
     path.write_text("\n".join(parts))
     return path
+
+
+@torch.no_grad()
+def vae_grids(model: torch.nn.Module, images: torch.Tensor, out: str | Path, *,
+              mean: Sequence[float], std: Sequence[float], n: int = 32, seed: int = 0) -> None:
+    """Writes reconstructions.png (originals over reconstructions) and samples.png.
+
+    Args:
+        images: uint8 [N, 3, H, W] validation images; the first ``n // 2`` are used.
+    """
+    from mve.data import denormalize_to_uint8, normalize
+    from mve.plots import plot_image_grid
+
+    out = Path(out)
+    model.eval()
+    k = min(n // 2, len(images))
+    if k:
+        x = normalize(images[:k], mean, std)
+        recon = denormalize_to_uint8(model.reconstruct(x), mean, std)
+        rows = [t for i in range(0, k, 8) for t in (images[i:i + 8], recon[i:i + 8])]
+        plot_image_grid(torch.cat(rows), out / "reconstructions.png", nrow=8)
+    samples = denormalize_to_uint8(model.sample(n, temperature=1.0, seed=seed), mean, std)
+    plot_image_grid(samples, out / "samples.png", nrow=8)

@@ -295,7 +295,7 @@ def fit(cfg: TrainConfig, data: DataBundle, *, device: torch.device | str = "cpu
             val_m = evaluate(model, val_loader, task=spec.task, device=device,
                              class_names=class_names, precision=cfg.precision)
             metrics.update({f"val_{k}": v for k, v in val_m.items()
-                            if isinstance(v, int | float)})
+                            if isinstance(v, int | float) and k != "num_samples"})
             metrics["_val_details"] = val_m
         history.append({k: v for k, v in metrics.items() if not k.startswith("_")})
         if rank == 0:

@@ -206,8 +206,12 @@ def resolve_data_path(cli_value: str | os.PathLike | None, *, download: bool = T
         raise DataError(f"no data given and {target} does not exist; {_HOW_TO}")
     try:
         from torchvision.datasets import CIFAR10
+        from torchvision.datasets.utils import download_and_extract_archive
 
-        CIFAR10(root=str(root), train=True, download=True)
+        # Download + md5 check + extract only: CIFAR10(download=True) would also unpickle
+        # the batches unrestricted; mve reads them with its restricted unpickler instead.
+        download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename,
+                                     md5=CIFAR10.tgz_md5)
     except Exception as e:  # offline, proxy, disk full, corrupt download ...
         raise DataError(f"no data given and downloading CIFAR-10 into {root} failed "
                         f"({type(e).__name__}: {e}); {_HOW_TO}") from e

@@ -129,3 +129,19 @@ def test_console_script_help():
         pytest.skip("mve console script not installed in this environment")
     proc = subprocess.run([str(exe), "train", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "--local" in proc.stdout and "--set" in proc.stdout
+
+
+def test_train_vae_local_writes_grids_and_evaluates(archive, tmp_path, capsys):
+    out = tmp_path / "vae"
+    assert main(["train", "vae", "--local", "--preset", "tiny", "--data", str(archive),
+                 "--epochs", "1", "--out", str(out), "--set", "data.val_size=40",
+                 "--set", "batch_size=40"]) == 0
+    for name in ("model.safetensors", "mve.json", "REPORT.md", "samples.png",
+                 "reconstructions.png", "learning_curves.png"):
+        assert (out / name).exists(), name
+    assert "bits/dim" in (out / "REPORT.md").read_text()
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--data", str(archive), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["num_samples"] == 40
+    assert metrics["elbo_bpd"] > 0 and metrics["psnr"] > 0 and 0 < metrics["ssim"] <= 1

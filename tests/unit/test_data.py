@@ -12,7 +12,6 @@ import struct
 import subprocess
 import sys
 import tarfile
-import types
 import zipfile
 from pathlib import Path
 
@@ -614,19 +613,27 @@ def test_resolve_data_path(fake: dict, tmp_path: Path, monkeypatch: pytest.Monke
     with pytest.raises(DataError, match="MVE_DATA"):
         resolve_data_path(None, download=False)
 
-    def offline(**kwargs: object) -> None:
-        raise OSError("network unreachable")
+    import torchvision.datasets.utils as tv_utils
+    from torchvision.datasets import CIFAR10
 
-    fake_tv = types.ModuleType("torchvision")
-    fake_tv.datasets = types.SimpleNamespace(CIFAR10=offline)
-    monkeypatch.setitem(sys.modules, "torchvision", fake_tv)
-    monkeypatch.setitem(sys.modules, "torchvision.datasets", fake_tv.datasets)
+    def offline(url: str, root: str, **kwargs: object) -> None:
+        raise OSError("network unreachable")  # what an offline machine gives
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
     with pytest.raises(DataError, match="--data .*MVE_DATA") as info:
         resolve_data_path(None)
     assert isinstance(info.value.__cause__, OSError)
+    calls = []
+
+    def online(url: str, root: str, **kwargs: object) -> None:
+        calls.append((url, kwargs.get("md5")))
+        shutil.copytree(fake["cifar_py"], Path(root) / "cifar-10-batches-py")
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", online)
     target = tmp_path / "home" / ".cache" / "mve" / "cifar-10-batches-py"
-    shutil.copytree(fake["cifar_py"], target)
     assert resolve_data_path(None) == target
+    assert calls == [(CIFAR10.url, CIFAR10.tgz_md5)]  # the official release, md5-checked
+    assert resolve_data_path(None) == target and len(calls) == 1  # cached: no second download
 
 
 def test_real_archive_detect() -> None:
