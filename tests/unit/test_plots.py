@@ -113,7 +113,7 @@ def test_image_grid_content_and_labels(tmp_path: Path) -> None:
     img = _check_png(plot_image_grid(red, tmp_path / "red.png"))
     arr = np.asarray(img).astype(int)
     is_red = (arr[..., 0] > 250) & (arr[..., 1] < 5) & (arr[..., 2] < 5)
-    assert is_red.mean() > 0.8  # the grid is dominated by the (pure red) tiles
+    assert is_red.mean() > 0.7  # the grid is dominated by the (pure red) tiles (plus margins)
     gray = torch.rand(5, 1, 16, 16)
     _check_png(
         plot_image_grid(
