@@ -6,9 +6,7 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -138,9 +136,9 @@ def train(args: argparse.Namespace) -> int:
 
 
 def _train_local(args: argparse.Namespace) -> int:
-    from mve.checkpoint import read_meta
     from mve.data import load_data, resolve_data_path
-    from mve.report import run_info, write_json, write_run_report
+    from mve.report import run_info, write_json
+    from mve.runs import finalize_run, keep_checkpoint, latest_checkpoint
     from mve.train import fit
 
     extra: dict[str, Any] = {}
@@ -155,7 +153,7 @@ def _train_local(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{cfg.model}-local")
     out.mkdir(parents=True, exist_ok=True)
     ckpts = out / "checkpoints"
-    resume = _latest_checkpoint(ckpts) if args.resume else None
+    resume = latest_checkpoint(ckpts) if args.resume else None
     if args.resume and resume is None:
         logger.warning("--resume: no epoch checkpoint under %s, starting fresh", ckpts)
     device = _device(args.device)
@@ -171,66 +169,22 @@ def _train_local(args: argparse.Namespace) -> int:
         with open(out / "history.jsonl", "a") as f:
             f.write(json.dumps({k: v for k, v in metrics.items() if not k.startswith("_")}) + "\n")
         if ckpt_dir is not None:
-            _keep_checkpoint(ckpt_dir, ckpts / f"epoch_{metrics['epoch']:04d}", args.keep_checkpoints)
+            keep_checkpoint(ckpt_dir, ckpts / f"epoch_{metrics['epoch']:04d}", args.keep_checkpoints)
 
     if not args.resume:
         (out / "history.jsonl").unlink(missing_ok=True)
     result = fit(cfg, data, device=device, report=report, resume_from=resume,
                  progress=_tty())
-    final = _latest_checkpoint(ckpts)
+    final = latest_checkpoint(ckpts)
     if final is None:
         raise RuntimeError(f"training finished without writing a checkpoint under {ckpts}")
-    _publish_final(final, out)
-    details = result.final_metrics.get("_val_details", {})
-    write_json(out / "history.json", result.history)
-    from mve.models import get_spec
-
-    if get_spec(cfg.model).task == "generation" and data.val is not None and len(data.val):
-        from mve.report import vae_grids
-
-        prep = read_meta(out)["preprocessing"]
-        vae_grids(result.model.cpu(), data.val.images, out, mean=prep["mean"], std=prep["std"])
-    write_run_report(out, title=f"mve {cfg.model}", cfg_yaml=cfg.to_yaml(),
-                     history=result.history, eval_metrics=details,
-                     class_names=data.class_names, task=get_spec(cfg.model).task,
-                     command=info["command"])
-    if get_spec(cfg.model).task == "classification" and details:
+    details = finalize_run(out, final, cfg=cfg, history=result.history, command=info["command"],
+                           val_images=data.val.images if data.val is not None else None)
+    if "per_class" in details:
         from mve.metrics import per_class_table
 
         print(per_class_table(details))
-    logger.info("wrote checkpoint and report to %s", out)
     return 0
-
-
-def _latest_checkpoint(ckpts: Path) -> Path | None:
-    if not ckpts.is_dir():
-        return None
-    found = sorted(p for p in ckpts.glob("epoch_*") if (p / "mve.json").exists())
-    return found[-1] if found else None
-
-
-def _keep_checkpoint(src: Path, dest: Path, keep: int) -> None:
-    """Copies an epoch checkpoint into place atomically and prunes older ones."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    shutil.copytree(src, stage, dirs_exist_ok=True)
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.rename(stage, dest)
-    for old in sorted(p for p in dest.parent.glob("epoch_*"))[:-max(1, keep)]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _publish_final(ckpt: Path, out: Path) -> None:
-    """Makes ``out`` itself the final checkpoint (weights + manifest, without optimiser state)."""
-    from mve.checkpoint import load_checkpoint, read_meta, save_checkpoint
-
-    meta = read_meta(ckpt)
-    loaded = load_checkpoint(ckpt)
-    save_checkpoint(out, loaded.model, model_name=meta["model_name"],
-                    model_config=loaded.model_config, preprocessing=meta["preprocessing"],
-                    class_names=meta.get("class_names"), metrics=meta.get("metrics"),
-                    provenance=meta.get("provenance"), train_config=meta.get("train_config"))
 
 
 # -- evaluate --------------------------------------------------------------------------
