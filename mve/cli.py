@@ -29,6 +29,36 @@ def _config_options(p: argparse.ArgumentParser) -> None:
                    help="dotted override with a YAML value, e.g. --set optim.lr=3e-4; repeatable")
 
 
+def add_train_arguments(t: argparse.ArgumentParser) -> None:
+    """The options of ``mve train``, shared with ``python -m cluster.train``."""
+    t.add_argument("model", choices=["classifier", "vae"])
+    t.add_argument("--local", action="store_true", help="train in this process, without Ray")
+    t.add_argument("--data", help="data path (else $MVE_DATA, else official CIFAR-10 in the cache)")
+    t.add_argument("--epochs", type=int, help="number of epochs (overrides the config)")
+    t.add_argument("--limit", type=int, help="at most N training images, stratified (smoke runs)")
+    t.add_argument("--out", help="output directory (default runs/<model>-local or -ray)")
+    t.add_argument("--seed", type=int, help="training seed")
+    t.add_argument("--device", default="auto", help="--local only: auto, cpu, cuda or cuda:N")
+    t.add_argument("--resume", action="store_true",
+                   help="--local only: continue from the latest epoch checkpoint in --out "
+                        "(Ray runs resume by themselves when storage and --name are reused)")
+    t.add_argument("--keep-checkpoints", type=int, default=2,
+                   help="epoch checkpoints to keep (default 2; Ray keeps the best N)")
+    _config_options(t)
+    r = t.add_argument_group("Ray Train (without --local)")
+    r.add_argument("--workers", type=int, default=1, help="data-parallel workers (default 1)")
+    r.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, bf16 autocast")
+    r.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (default 1)")
+    r.add_argument("--address", help="Ray cluster address (default: start an embedded local Ray)")
+    r.add_argument("--storage", help="storage path or URI for checkpoints: a local or shared "
+                                     "folder, or s3://bucket/prefix (default runs/ray)")
+    r.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (MinIO, moto, ...)")
+    r.add_argument("--name", help="run name; reusing it with the same storage resumes the run "
+                                  "(default: derived from the config and data, deterministic)")
+    r.add_argument("--max-failures", type=int, default=2,
+                   help="worker-group restarts from the latest checkpoint (default 2)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mve import __version__
 
@@ -65,23 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-cache", action="store_true", help="decode without the tensor cache")
     d.add_argument("--json", action="store_true", help="print one JSON object last")
 
-    t = sub.add_parser("train", help="train a model (one process with --local; Ray Train otherwise)",
-                       description="Train a model. With --local it runs in this process without "
-                                   "Ray, with a progress bar; the output directory becomes a "
+    t = sub.add_parser("train", help="train a model (Ray Train; one process with --local)",
+                       description="Train a model. By default it runs on Ray Train (an embedded "
+                                   "local Ray, or --address); with --local it runs in this "
+                                   "process without Ray. The output directory becomes the final "
                                    "checkpoint with REPORT.md, plots, config and history.")
-    t.add_argument("model", choices=["classifier", "vae"])
-    t.add_argument("--local", action="store_true", help="train in this process, without Ray")
-    t.add_argument("--data", help="data path (else $MVE_DATA, else official CIFAR-10 in the cache)")
-    t.add_argument("--epochs", type=int, help="number of epochs (overrides the config)")
-    t.add_argument("--limit", type=int, help="at most N training images, stratified (smoke runs)")
-    t.add_argument("--out", help="output directory (default runs/<model>-local)")
-    t.add_argument("--seed", type=int, help="training seed")
-    t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    t.add_argument("--resume", action="store_true",
-                   help="continue from the latest epoch checkpoint in --out")
-    t.add_argument("--keep-checkpoints", type=int, default=2,
-                   help="epoch checkpoints to keep under OUT/checkpoints (default 2)")
-    _config_options(t)
+    add_train_arguments(t)
+
+    tu = sub.add_parser("tune", help="hyperparameter search with Ray Tune (ASHA + Optuna)",
+                        add_help=False, prefix_chars="\0")
+    tu.add_argument("tune_args", nargs=argparse.REMAINDER,
+                    help="arguments of `python -m cluster.tune` (see `mve tune --help`)")
 
     e = sub.add_parser("evaluate", help="evaluate a checkpoint: per-class table, confusion matrix",
                        description="Evaluate a checkpoint on a data split. Prints the per-class "
@@ -106,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     handlers = {"summary": commands.summary, "config": commands.config_show,
                 "data": commands.data_inspect, "train": commands.train,
-                "evaluate": commands.evaluate}
+                "evaluate": commands.evaluate, "tune": commands.tune}
     try:
         return handlers[args.command](args) or 0
     except KeyboardInterrupt:

@@ -127,12 +127,20 @@ def data_inspect(args: argparse.Namespace) -> int:
 def train(args: argparse.Namespace) -> int:
     if not args.local:
         try:
-            from cluster.train import main_from_cli  # type: ignore[attr-defined]
-        except ImportError:
-            raise UserError("training through Ray Train is not available in this build; "
-                            "pass --local to train in this process") from None
-        return main_from_cli(args)
+            from cluster.train import run_from_args
+        except ImportError as exc:
+            raise UserError(f"Ray Train is not available ({exc}); pass --local to train in this "
+                            "process") from None
+        return run_from_args(args)
     return _train_local(args)
+
+
+def tune(args: argparse.Namespace) -> int:
+    try:
+        from cluster.tune import main as tune_main
+    except ImportError as exc:
+        raise UserError(f"Ray Tune is not available ({exc})") from None
+    return tune_main(args.tune_args)
 
 
 def _train_local(args: argparse.Namespace) -> int:

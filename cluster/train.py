@@ -1,0 +1,261 @@
+"""Data-parallel training of mve models on Ray Train (V2), CPU (gloo) or GPU (NCCL).
+
+    python -m cluster.train classifier --data PATH --workers 2 --epochs 10 --out runs/ray-demo
+    ray job submit --working-dir . -- python -m cluster.train classifier --data /mnt/data --workers 4 --gpu
+
+A thin adapter: every worker runs ``mve.train.fit`` with a reporter that calls
+``ray.train.report`` (every rank reports; rank 0 attaches the checkpoint) and
+``prepare_model`` for DDP. Reusing the storage path and run name resumes the run from its
+latest checkpoint (Train V2 has no ``restore``: the controller finds the run's snapshot
+and ``ray.train.get_checkpoint()`` hands the checkpoint to the workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+
+from cluster.common import fetch_checkpoint, init_ray, resolve_storage, scalar_metrics, target_metric
+from mve.config import TrainConfig, load_train_config
+
+__all__ = ["ClusterConfig", "train_fn_per_worker", "build_trainer", "run_name", "run_training",
+           "run_from_args", "main"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where and how a run executes; never reaches ``mve``."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    storage: str | None = None  # local/shared path or s3://...; None: ./runs/ray
+    s3_endpoint: str | None = None
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint
+    num_to_keep: int = 2  # best checkpoints kept, by the validation metric
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+
+
+class _TrainMetrics:
+    """Prometheus metrics of a run through Ray's metrics system, tagged by run and model."""
+
+    def __init__(self, run: str, model: str):
+        from ray.util.metrics import Gauge
+
+        self.tags = {"run": run, "model": model}
+        keys = ("run", "model")
+        self.gauges = {
+            "train_images_per_s": Gauge("mve_train_images_per_second",
+                                        "Training throughput of the last epoch", tag_keys=keys),
+            "train_loss": Gauge("mve_train_loss", "Mean training loss of the last epoch",
+                                tag_keys=keys),
+            "epoch": Gauge("mve_train_epoch", "Epochs completed", tag_keys=keys),
+            "val_accuracy": Gauge("mve_val_accuracy", "Validation accuracy (classifier)",
+                                  tag_keys=keys),
+            "val_loss": Gauge("mve_val_loss", "Validation loss", tag_keys=keys),
+            "val_elbo_bpd": Gauge("mve_val_elbo_bits_per_dim", "Validation ELBO (VAE)",
+                                  tag_keys=keys),
+        }
+
+    def record(self, metrics: Mapping[str, Any]) -> None:
+        for key, gauge in self.gauges.items():
+            if isinstance(metrics.get(key), int | float):
+                gauge.set(float(metrics[key]), tags=self.tags)
+
+
+def _maybe_inject_failure(spec: Mapping[str, Any] | None, epoch: int, rank: int) -> None:
+    """Test hook: kill this worker process once, after ``epoch`` was reported on ``rank``."""
+    if not spec or spec.get("epoch") != epoch or spec.get("rank", 0) != rank:
+        return
+    marker = Path(spec["marker"])
+    if marker.exists():
+        return
+    marker.write_text(f"killed rank {rank} after epoch {epoch}\n")
+    logger.warning("injected failure: killing worker rank %d after epoch %d", rank, epoch)
+    os._exit(1)
+
+
+def train_fn_per_worker(config: dict) -> None:
+    """Ray Train worker: rebuilds the typed config and runs ``mve.train.fit``."""
+    from mve.data import load_data
+    from mve.train import fit
+
+    cfg = TrainConfig.from_dict(config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    data = load_data(config["data_path"], val_size=cfg.data.val_size, seed=cfg.data.split_seed,
+                     limit=cfg.data.limit, image_size=cfg.data.image_size,
+                     cache_dir=config.get("cache_dir"))
+    metrics_sink = _TrainMetrics(ctx.get_experiment_name(), cfg.model) if rank == 0 else None
+
+    def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
+        flat = scalar_metrics(metrics)
+        if metrics_sink is not None:
+            metrics_sink.record(flat)
+        ckpt = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None
+        ray.train.report(flat, checkpoint=ckpt,
+                         checkpoint_dir_name=f"epoch_{metrics['epoch']:04d}" if ckpt else None)
+        _maybe_inject_failure(config.get("inject_failure"), metrics["epoch"], rank)
+
+    with tempfile.TemporaryDirectory(prefix="mve-resume-") as tmp:
+        resume = None
+        latest = ray.train.get_checkpoint()
+        if latest is not None:
+            resume = fetch_checkpoint(latest, Path(tmp) / "ckpt")
+            logger.info("rank %d resuming from %s", rank, latest.path)
+        fit(cfg, data, device=device, rank=rank, world_size=world, report=report,
+            resume_from=resume, progress=False, wrap_model=ray.train.torch.prepare_model)
+
+
+def run_name(cfg: TrainConfig, data_path: str, cluster: ClusterConfig) -> str:
+    """Deterministic: the same config, data and worker count give the same name (and resume)."""
+    h = hashlib.sha256()
+    h.update(cfg.to_yaml().encode())
+    h.update(str(Path(data_path).absolute()).encode())
+    h.update(f"{cluster.num_workers}-{cluster.use_gpu}".encode())
+    return f"mve-{cfg.model}-{h.hexdigest()[:10]}"
+
+
+def build_trainer(cfg: TrainConfig, cluster: ClusterConfig, data_path: str, *, name: str,
+                  callbacks: Sequence[Any] = (), cache_dir: str | None = None,
+                  inject_failure: Mapping[str, Any] | None = None
+                  ) -> ray.train.torch.TorchTrainer:
+    """A Train V2 ``TorchTrainer`` running ``train_fn_per_worker`` on ``cluster.num_workers``."""
+    if cluster.use_gpu and cfg.precision == "fp32":
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), "precision": "bf16"})
+    resources = {"CPU": cluster.cpus_per_worker}
+    if cluster.use_gpu:
+        resources["GPU"] = cluster.gpus_per_worker
+    storage_path, fs = resolve_storage(cluster.storage, s3_endpoint=cluster.s3_endpoint)
+    metric, mode = target_metric(cfg.model)
+    run_config = RunConfig(
+        name=name, storage_path=storage_path, storage_filesystem=fs,
+        failure_config=FailureConfig(max_failures=cluster.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=cluster.num_to_keep,
+                                           checkpoint_score_attribute=metric,
+                                           checkpoint_score_order=mode),
+        callbacks=list(callbacks))
+    loop_config = {"train": cfg.to_dict(), "data_path": str(Path(data_path).absolute()),
+                   "cache_dir": cache_dir or os.environ.get("MVE_CACHE_DIR"),
+                   "inject_failure": dict(inject_failure) if inject_failure else None}
+    return ray.train.torch.TorchTrainer(
+        train_fn_per_worker, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=run_config)
+
+
+def run_training(cfg: TrainConfig, cluster: ClusterConfig, data_path: str, *, out: str | Path,
+                 name: str | None = None, address: str | None = None,
+                 inject_failure: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Runs a Train job and writes the final checkpoint and report into ``out``."""
+    from mve.checkpoint import load_training_state
+    from mve.data import load_data
+    from mve.report import run_info
+    from mve.runs import finalize_run
+
+    name = name or run_name(cfg, data_path, cluster)
+    started = init_ray(address)
+    try:
+        logger.info("Ray Train run %s: %d worker(s), gpu=%s", name, cluster.num_workers,
+                    cluster.use_gpu)
+        result = build_trainer(cfg, cluster, data_path, name=name,
+                               inject_failure=inject_failure).fit()
+        if result.error is not None:
+            raise RuntimeError(f"Ray Train run {name} failed: {result.error}")
+        if result.checkpoint is None:
+            raise RuntimeError(f"Ray Train run {name} finished without a checkpoint")
+        with tempfile.TemporaryDirectory(prefix="mve-final-") as tmp:
+            final = fetch_checkpoint(result.checkpoint, Path(tmp) / "final")
+            state = load_training_state(final) or {}
+            history = state.get("history", [])
+            data = load_data(data_path, val_size=cfg.data.val_size, seed=cfg.data.split_seed,
+                             limit=cfg.data.limit, image_size=cfg.data.image_size)
+            details = finalize_run(out, final, cfg=cfg, history=history,
+                                   command=run_info()["command"],
+                                   val_images=data.val.images if data.val is not None else None)
+        summary = {"run_name": name, "storage": str(result.path), "out": str(out),
+                   "checkpoint": str(result.checkpoint.path),
+                   "metrics": scalar_metrics(result.metrics or {}), "details": details}
+        from mve.report import write_json
+
+        write_json(Path(out) / "ray_run.json", summary)
+        return summary
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """``mve train`` without ``--local``."""
+    from mve.data import resolve_data_path
+    from mve.metrics import per_class_table
+
+    extra: dict[str, Any] = {}
+    if args.epochs is not None:
+        extra["epochs"] = args.epochs
+    if args.seed is not None:
+        extra["seed"] = args.seed
+    if args.limit is not None:
+        extra["data"] = {"limit": args.limit}
+    cfg = load_train_config(args.model, preset=args.preset, files=args.config,
+                            overrides=args.overrides, extra=extra)
+    data_path = str(resolve_data_path(args.data or cfg.data.path))
+    cluster = ClusterConfig(num_workers=args.workers, use_gpu=args.gpu,
+                            cpus_per_worker=args.cpus_per_worker, storage=args.storage,
+                            s3_endpoint=args.s3_endpoint, max_failures=args.max_failures,
+                            num_to_keep=args.keep_checkpoints)
+    out = args.out or f"runs/{cfg.model}-ray"
+    summary = run_training(cfg, cluster, data_path, out=out, name=args.name, address=args.address)
+    if "per_class" in summary["details"]:
+        print(per_class_table(summary["details"]))
+    print(f"run {summary['run_name']}: checkpoint and report in {out}; Ray storage "
+          f"{summary['storage']}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m cluster.train``: the same options as ``mve train`` (Ray path)."""
+    from mve.cli import LOG_FORMAT, add_train_arguments
+    from mve.commands import is_user_error
+
+    parser = argparse.ArgumentParser(prog="python -m cluster.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+    if args.local:
+        from mve.commands import train
+
+        return train(args)
+    try:
+        return run_from_args(args)
+    except Exception as exc:
+        if not is_user_error(exc):
+            raise
+        print(f"cluster.train: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
