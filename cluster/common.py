@@ -20,13 +20,16 @@ logger = logging.getLogger(__name__)
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None,
              num_gpus: int | None = None) -> bool:
-    """Connects to ``address`` or starts an embedded instance; True when this call started one.
+    """Connects to ``address`` (or ``$RAY_ADDRESS``, as set for a submitted job) or starts an
+    embedded instance; True when this call started one.
 
     Never calls a bare ``ray.init()``, which would join whatever cluster a previous
     ``ray start`` left behind (even a dead one whose address file remains).
     """
     if ray.is_initialized():
         return False
+    # Inside `ray job submit` the job supervisor sets RAY_ADDRESS: join that cluster.
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         return False
