@@ -28,7 +28,13 @@ import ray.train
 import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
-from cluster.common import fetch_checkpoint, init_ray, resolve_storage, scalar_metrics, target_metric
+from cluster.common import (
+    fetch_checkpoint,
+    init_ray,
+    resolve_storage,
+    scalar_metrics,
+    target_metric,
+)
 from mve.config import TrainConfig, load_train_config
 
 __all__ = ["ClusterConfig", "train_fn_per_worker", "build_trainer", "run_name", "run_training",
@@ -108,8 +114,10 @@ def train_fn_per_worker(config: dict) -> None:
                      cache_dir=config.get("cache_dir"))
     metrics_sink = _TrainMetrics(ctx.get_experiment_name(), cfg.model) if rank == 0 else None
 
+    node_id = ray.get_runtime_context().get_node_id()
+
     def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
-        flat = scalar_metrics(metrics)
+        flat = {**scalar_metrics(metrics), "node_id": node_id}
         if metrics_sink is not None:
             metrics_sink.record(flat)
         ckpt = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None

@@ -53,33 +53,84 @@ def archive(tmp_path_factory) -> Path:
     return root / "d.tar.gz"
 
 
+def _pids_of(session_root: str) -> list[int]:
+    """Processes whose command line names this head's temp dir: its raylet, GCS, workers..."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if session_root in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def _stop_head(session_root: str) -> None:
+    """Stops only this test's Ray head (unlike `ray stop`, which kills every Ray on the host)."""
+    import signal
+    import time
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _pids_of(session_root):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 15
+        while _pids_of(session_root) and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    """A real head node started with `ray start --head`; stopped (with all its processes) after."""
+def head():
+    """A real head node started with `ray start --head` in a temp dir of its own."""
+    import shutil
+    import tempfile
+
     port, dash = _free_port(), _free_port()
     env = _env()
-    subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
-                    "--include-dashboard=true", f"--dashboard-port={dash}",
-                    "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True, timeout=180)
+    root = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths are limited
     try:
+        subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
+                        "--include-dashboard=true", f"--dashboard-port={dash}",
+                        "--dashboard-host=127.0.0.1", "--disable-usage-stats",
+                        f"--temp-dir={root}"],
+                       check=True, env=env, capture_output=True, timeout=180)
         yield f"http://127.0.0.1:{dash}"
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True,
-                       timeout=120)
+        _stop_head(root)
+        leftover = _pids_of(root)
+        shutil.rmtree(root, ignore_errors=True)
+        assert not leftover, f"Ray processes of the test head survived: {leftover}"
 
 
-def test_ray_job_submit_of_the_train_entrypoint(head, archive, tmp_path):
+SPACE = """
+optim.lr: {loguniform: [1.0e-3, 1.0e-1]}
+fixed:
+  model.num_classes: 3
+  model.cnn_layers: 3
+  model.final_channels: 16
+  model.fcn_layers: 2
+  batch_size: 20
+"""
+
+
+def test_ray_job_submit_of_the_tune_entrypoint(head, archive, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
     out = tmp_path / "out"
     cmd = [str(BIN / "ray"), "job", "submit", "--address", head, "--working-dir", str(REPO),
-           "--", "python", "-m", "cluster.train", "classifier", "--data", str(archive),
-           "--epochs", "1", "--set", "model.num_classes=3", "--set", "data.val_size=30",
-           "--set", "model.cnn_layers=3", "--set", "model.final_channels=16",
-           "--set", "model.fcn_layers=2", "--storage", str(tmp_path / "storage"),
-           "--out", str(out)]
+           "--", "python", "-m", "cluster.tune", "classifier", "--data", str(archive),
+           "--space", str(space), "--samples", "2", "--max-epochs", "1", "--val-size", "30",
+           "--storage", str(tmp_path / "storage"), "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout + proc.stderr
-    ck = load_checkpoint(out)
-    assert ck.class_names == ["c0", "c1", "c2"] and ck.meta["metrics"]["epoch"] == 1
-    assert (out / "REPORT.md").exists()
+    rows = (out / "results.csv").read_text().strip().splitlines()
+    assert len(rows) == 3  # header + 2 trials
+    ck = load_checkpoint(out / "best")
+    assert ck.class_names == ["c0", "c1", "c2"]
+    assert (out / "best.yaml").exists() and (out / "trial_curves.png").exists()
