@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mve import __version__
 
     parser = argparse.ArgumentParser(
-        prog="mve", description="mve: train, evaluate and inspect CIFAR-scale vision models.",
+        prog="mve", description="mve: train, tune, serve and evaluate CIFAR-scale vision models.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Data: --data PATH, else $MVE_DATA, else the official CIFAR-10 in ~/.cache/mve "
                "(downloaded when online). PATH may be cifar-10-batches-py, an image-folder tree, "
@@ -102,6 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "checkpoint with REPORT.md, plots, config and history.")
     add_train_arguments(t)
 
+    from cluster.k8s import add_k8s_arguments
+    from serve_app.cli import add_generate_arguments, add_predict_arguments, add_serve_arguments
+
+    add_serve_arguments(sub.add_parser(
+        "serve", help="serve checkpoints over HTTP with Ray Serve",
+        description="Serve a classifier and/or VAE checkpoint with Ray Serve (embedded local Ray "
+                    "or --address) and print the URL; Ctrl-C stops it."))
+    add_predict_arguments(sub.add_parser("predict", help="classify images through a running server"))
+    add_generate_arguments(sub.add_parser("generate", help="VAE samples from a running server"))
+    add_k8s_arguments(sub.add_parser("k8s", help="KubeRay: submit a RayJob, promote a checkpoint, "
+                                                 "status"))
+
     tu = sub.add_parser("tune", help="hyperparameter search with Ray Tune (ASHA + Optuna)",
                         add_help=False, prefix_chars="\0")
     tu.add_argument("tune_args", nargs=argparse.REMAINDER,
@@ -130,7 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     handlers = {"summary": commands.summary, "config": commands.config_show,
                 "data": commands.data_inspect, "train": commands.train,
-                "evaluate": commands.evaluate, "tune": commands.tune}
+                "evaluate": commands.evaluate, "tune": commands.tune,
+                "serve": commands.serve, "predict": commands.predict,
+                "generate": commands.generate, "k8s": commands.k8s}
     try:
         return handlers[args.command](args) or 0
     except KeyboardInterrupt:

@@ -143,6 +143,30 @@ def tune(args: argparse.Namespace) -> int:
     return tune_main(args.tune_args)
 
 
+def serve(args: argparse.Namespace) -> int:
+    from serve_app.cli import serve_command
+
+    return serve_command(args)
+
+
+def predict(args: argparse.Namespace) -> int:
+    from serve_app.cli import predict_command
+
+    return predict_command(args)
+
+
+def generate(args: argparse.Namespace) -> int:
+    from serve_app.cli import generate_command
+
+    return generate_command(args)
+
+
+def k8s(args: argparse.Namespace) -> int:
+    from cluster.k8s import k8s_command
+
+    return k8s_command(args)
+
+
 def _train_local(args: argparse.Namespace) -> int:
     from mve.data import load_data, resolve_data_path
     from mve.report import run_info, write_json

@@ -1,0 +1,250 @@
+"""``mve serve``, ``mve predict`` and ``mve generate``.
+
+    mve serve --classifier runs/clf --vae runs/vae --port 8000 --metrics-port 8080
+    mve predict cat.png dog.jpg --top-k 3 --url http://127.0.0.1:8000
+    mve generate --n 16 --temperature 0.8 --seed 0 --out grid.png
+
+Also runnable without ``mve/cli.py``: ``python -m serve_app.cli serve --classifier runs/clf``.
+The ``add_*_arguments`` functions use argparse only; ``serve_command`` imports Ray when it
+runs, ``predict_command``/``generate_command`` never do (they use :mod:`serve_app.client`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+__all__ = ["add_serve_arguments", "add_predict_arguments", "add_generate_arguments",
+           "serve_command", "predict_command", "generate_command", "main"]
+
+
+def _client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", help="server URL (default $MVE_URL or http://127.0.0.1:8000)")
+    p.add_argument("--api-key-file", help="file with the API key (default $MVE_API_KEY)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (60)")
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``mve serve``."""
+    p.add_argument("--classifier", metavar="DIR", help="classifier checkpoint directory or URI")
+    p.add_argument("--vae", metavar="DIR", help="VAE checkpoint directory or URI")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="HTTP bind address (default 127.0.0.1; 0.0.0.0 to listen on all)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--metrics-port", type=int, metavar="P",
+                   help="Prometheus export port of the embedded Ray (/metrics)")
+    p.add_argument("--address", help="join this Ray cluster instead of starting one (e.g. auto); "
+                                      "checkpoint paths must then exist on its nodes, or be URIs")
+    p.add_argument("--api-key-file", metavar="F", help="require this API key on inference "
+                   "routes (else $MVE_API_KEY when set; else the routes are open)")
+    p.add_argument("--config", metavar="YAML", help="Serve config to start from "
+                   "(default serve_app/config.yaml)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray (default: all)")
+    p.add_argument("--max-batch-size", type=int, help="images per forward pass (default 32)")
+    p.add_argument("--batch-wait-timeout-s", type=float,
+                   help="seconds a batch waits to fill (default 0.005)")
+
+
+def add_predict_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``mve predict``."""
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
+    p.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
+    p.add_argument("--json", action="store_true", help="print the server's JSON answer")
+    _client_options(p)
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``mve generate``."""
+    p.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
+    p.add_argument("--temperature", type=float, default=1.0, help="prior temperature (1.0)")
+    p.add_argument("--seed", type=int, help="seed for reproducible samples")
+    p.add_argument("--out", default="grid.png", help="output PNG grid (default grid.png)")
+    _client_options(p)
+
+
+def _user_error(message: str) -> Exception:
+    from mve.commands import UserError
+
+    return UserError(message)
+
+
+def _local_path(value: str | None, check: bool) -> str | None:
+    """Absolute path for a local checkpoint (replicas run elsewhere); URIs unchanged.
+
+    With ``check`` (embedded Ray) the checkpoint is validated here, before Ray starts.
+    """
+    if value is None or urlparse(value).scheme not in ("", "file"):
+        return value
+    path = Path(urlparse(value).path if value.startswith("file:") else value).expanduser()
+    if check:
+        from mve.checkpoint import read_meta
+
+        read_meta(path)  # a clear CheckpointError before anything starts
+    return str(path.resolve())
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _save_config(config: dict[str, Any], port: int) -> Path:
+    """Writes the effective Serve config (what ``serve deploy`` needs for an in-place update);
+    removed again when ``mve serve`` stops."""
+    import tempfile
+
+    import yaml
+
+    path = Path(tempfile.gettempdir()) / f"mve-serve-{port}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """Runs the app on an embedded local Ray (or ``--address``) until SIGINT/SIGTERM."""
+    if not args.classifier and not args.vae:
+        raise _user_error("give --classifier DIR and/or --vae DIR")
+    from serve_app.deploy import APP_NAME, app_config, deploy, load_config
+
+    key_file = str(Path(args.api_key_file).expanduser().resolve()) if args.api_key_file else None
+    if key_file and args.address is None and not Path(key_file).is_file():
+        raise _user_error(f"API key file {key_file} does not exist")
+    local = args.address is None
+    config = app_config(load_config(args.config),
+                        classifier=_local_path(args.classifier, check=local),
+                        vae=_local_path(args.vae, check=local), host=args.host, port=args.port,
+                        api_key_file=key_file, max_batch_size=args.max_batch_size,
+                        batch_wait_timeout_s=args.batch_wait_timeout_s)
+    import ray
+    from ray import serve
+
+    init: dict[str, Any] = {"address": args.address or "local", "namespace": "serve",
+                            "logging_level": logging.WARNING}
+    if local:
+        init.update(num_cpus=args.num_cpus, _metrics_export_port=args.metrics_port)
+    elif args.metrics_port is not None:
+        print("mve serve: --metrics-port only applies to the embedded Ray; the cluster's "
+              "nodes export metrics on their own port", file=sys.stderr)
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in signals}
+    saved: Path | None = None
+    try:
+        context = ray.init(**init)
+        for s in signals:
+            signal.signal(s, _raise_interrupt)
+        try:
+            deploy(config)
+        except RuntimeError as exc:  # the app failed to start, e.g. an unloadable checkpoint
+            raise _user_error(str(exc)) from None
+        host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        url = f"http://{host}:{args.port}/"
+        print(f"mve serve: {url} (API docs {url}docs, Open Inference Protocol {url}v2)",
+              flush=True)
+        if local and args.metrics_port:
+            print(f"mve serve: metrics http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
+        if local and getattr(context, "dashboard_url", None):
+            saved = _save_config(config, args.port)
+            print(f"mve serve: to hot-swap a model, edit user_config.checkpoint in {saved} and "
+                  f"run `RAY_AUTH_MODE=token serve deploy {saved} -a "
+                  f"http://{context.dashboard_url}`", flush=True)
+        print("mve serve: Ctrl-C to stop", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("mve serve: stopping", file=sys.stderr, flush=True)
+    finally:
+        for s in signals:
+            signal.signal(s, signal.SIG_IGN)
+        if saved is not None:
+            saved.unlink(missing_ok=True)
+        try:
+            if ray.is_initialized() and local:
+                serve.shutdown()
+            elif ray.is_initialized():
+                serve.delete(APP_NAME)
+        finally:
+            ray.shutdown()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+    return 0
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from serve_app.client import MveClient
+
+    key = None
+    if args.api_key_file:
+        try:
+            key = Path(args.api_key_file).expanduser().read_text().strip()
+        except OSError as exc:
+            raise _user_error(f"cannot read the API key file: {exc}") from None
+    return MveClient(args.url, api_key=key, timeout=args.timeout)
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    """Prints the top-k classes of each image."""
+    from serve_app.client import ClientError
+
+    blobs = []
+    for name in args.images:
+        try:
+            blobs.append(Path(name).read_bytes())
+        except OSError as exc:
+            raise _user_error(f"cannot read {name}: {exc}") from None
+    try:
+        out = _client(args).classify(blobs, top_k=args.top_k)
+    except ClientError as exc:
+        raise _user_error(str(exc)) from None
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    for name, pred in zip(args.images, out["predictions"], strict=True):
+        scores = "  ".join(f"{s['label']} {100 * s['probability']:.1f}%" for s in pred["top_k"])
+        print(f"{name}: {scores}")
+    print(f"(model {out['checkpoint_id']})", file=sys.stderr)
+    return 0
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    """Writes a PNG grid of VAE samples."""
+    from serve_app.client import ClientError
+
+    try:
+        png = _client(args).sample(n=args.n, temperature=args.temperature, seed=args.seed)
+    except ClientError as exc:
+        raise _user_error(str(exc)) from None
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_bytes(png)
+    os.replace(tmp, out)
+    print(f"wrote {out} ({args.n} samples)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m serve_app.cli {serve,predict,generate} ...`` (same as the ``mve`` commands)."""
+    parser = argparse.ArgumentParser(prog="python -m serve_app.cli")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve_arguments(sub.add_parser("serve", help="serve checkpoints over HTTP"))
+    add_predict_arguments(sub.add_parser("predict", help="classify images via a server"))
+    add_generate_arguments(sub.add_parser("generate", help="VAE samples via a server"))
+    args = parser.parse_args(argv)
+    commands = {"serve": serve_command, "predict": predict_command, "generate": generate_command}
+    try:
+        return commands[args.command](args)
+    except ValueError as exc:  # UserError, CheckpointError
+        print(f"mve: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

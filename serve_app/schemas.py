@@ -1,0 +1,198 @@
+"""Pydantic models: the application's arguments, each model's ``user_config``, and the
+JSON request/response bodies of the HTTP API (they also drive the OpenAPI page at ``/docs``).
+
+Pure pydantic: importing this module never imports Ray, so the CLI can build ``AppArgs``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "AppArgs", "Limits", "ModelUserConfig", "ClassifyParams", "ClassifyJSON", "ClassScore",
+    "Prediction", "ClassifyResponse", "SampleParams", "VariationParams", "InterpolateParams",
+    "NoParams", "ImagesJSON", "ImagesResponse", "SwapStatus", "ModelInfo", "ModelsResponse",
+    "ErrorBody", "ErrorResponse", "MiB",
+]
+
+MiB = 1024 * 1024
+
+
+class Limits(BaseModel):
+    """Request limits enforced by the ingress before any model runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_body_bytes: int = Field(4 * MiB, ge=1024, description="largest request body (413)")
+    max_images: int = Field(64, ge=1, le=4096, description="images (or tensor rows) per request")
+    max_image_pixels: int = Field(1024 * 1024, ge=64,
+                                  description="width*height of one image, checked before decoding")
+    max_total_pixels: int = Field(16 * MiB, ge=64, description="decoded pixels per request")
+    max_samples: int = Field(64, ge=1, le=1024, description="VAE n (sample/variations)")
+    max_steps: int = Field(32, ge=2, le=1024, description="VAE interpolation steps")
+
+
+class AppArgs(Limits):
+    """Arguments of the typed builder ``serve_app.app:build_app``.
+
+    ``serve run serve_app.app:build_app classifier=runs/clf vae=runs/vae`` maps onto these
+    fields; in ``serve_app/config.yaml`` they are the application's ``args``. A checkpoint
+    given here is only the *initial* ``user_config.checkpoint`` of its deployment; swap
+    models later by changing ``deployments[].user_config`` (in place, no restart).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    classifier: str | None = Field(None, description="classifier checkpoint directory or URI")
+    vae: str | None = Field(None, description="VAE checkpoint directory or URI")
+    max_batch_size: int = Field(32, ge=1, le=1024, description="initial images per forward pass")
+    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=1.0,
+                                        description="initial wait for a batch to fill")
+    api_key_file: str | None = Field(None, description="file holding the API key (else env)")
+    api_key_env: str = Field("MVE_API_KEY", description="environment variable with the API key")
+    model_timeout_s: float = Field(30.0, gt=0, description="ingress wait for a model (503)")
+    torch_threads: int | None = Field(None, ge=1, le=256, description="torch threads per replica")
+
+    @field_validator("classifier", "vae", "api_key_file")
+    @classmethod
+    def _blank_is_none(cls, v: str | None) -> str | None:
+        return v if v is None or v.strip() else None
+
+    def limits(self) -> Limits:
+        """The request limits part of the arguments."""
+        return Limits(**{k: getattr(self, k) for k in Limits.model_fields})
+
+
+class ModelUserConfig(BaseModel):
+    """A model deployment's ``user_config``; changing it calls ``reconfigure`` in place."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str = Field(..., min_length=1, description="checkpoint directory or URI")
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=1.0)
+
+
+# -- /v1/classify --------------------------------------------------------------------------
+
+class ClassifyParams(BaseModel):
+    """Options of ``/v1/classify`` (query string, form fields or JSON keys)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int = Field(5, ge=1, le=1000)
+
+
+class ClassifyJSON(ClassifyParams):
+    """JSON body of ``/v1/classify``: base64 images (data: URLs accepted)."""
+
+    images: list[str] = Field(..., min_length=1)
+
+
+class ClassScore(BaseModel):
+    label: str
+    index: int
+    probability: float
+
+
+class Prediction(BaseModel):
+    label: str = Field(..., description="top-1 class")
+    probability: float
+    top_k: list[ClassScore]
+
+
+class ClassifyResponse(BaseModel):
+    model: Literal["classifier"] = "classifier"
+    checkpoint_id: str
+    predictions: list[Prediction]
+
+
+# -- /v1/vae/* -------------------------------------------------------------------------------
+
+class SampleParams(BaseModel):
+    """``/v1/vae/sample``: ``n`` prior draws at ``temperature`` (seeded when ``seed`` is set)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=10.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+
+
+class VariationParams(SampleParams):
+    """``/v1/vae/variations``: ``n`` decodes around one image's posterior."""
+
+    n: int = Field(8, ge=1)
+
+
+class InterpolateParams(BaseModel):
+    """``/v1/vae/interpolate``: ``steps`` decodes between two images' latents."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(8, ge=2)
+    method: Literal["slerp", "lerp"] = "slerp"
+
+
+class NoParams(BaseModel):
+    """Routes without options (``/v1/vae/reconstruct``): unknown options are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImagesJSON(BaseModel):
+    """Base64 images in a JSON body (``image`` is shorthand for one)."""
+
+    images: list[str] | None = None
+    image: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    """Generated images as base64 PNGs (``?format=json`` or ``Accept: application/json``)."""
+
+    model: Literal["vae"] = "vae"
+    checkpoint_id: str
+    width: int
+    height: int
+    images: list[str]
+
+
+# -- /v1/models -----------------------------------------------------------------------------
+
+class SwapStatus(BaseModel):
+    swaps: int = 0
+    failed_swaps: int = 0
+    last_error: str | None = None
+    requested_checkpoint: str | None = None
+
+
+class ModelInfo(BaseModel):
+    name: Literal["classifier", "vae"]
+    checkpoint_id: str
+    checkpoint: str
+    model_name: str
+    class_names: list[str] | None = None
+    preprocessing: dict[str, Any]
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    loaded_at: float
+    replica: str
+    max_batch_size: int
+    batch_wait_timeout_s: float
+    swap: SwapStatus
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelInfo]
+    unavailable: dict[str, str] = Field(default_factory=dict,
+                                        description="configured models that did not answer")
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,92 @@
+"""Helpers for the serving tests and the benchmark: small checkpoints, images, free ports.
+
+No Ray here. ``make_classifier`` builds an untrained (seeded) classifier and saves it as an mve
+checkpoint with CIFAR-10 class names and preprocessing, in well under a second.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mve.checkpoint import save_checkpoint
+from mve.models import build_model, make_config
+
+__all__ = ["CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "SMALL_CLASSIFIER", "free_port",
+           "make_classifier", "make_vae", "png_bytes", "random_images", "archive_images"]
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck"]
+CIFAR10_MEAN = [0.4914, 0.4822, 0.4465]
+CIFAR10_STD = [0.2470, 0.2435, 0.2616]
+SMALL_CLASSIFIER = {"cnn_layers": 3, "final_channels": 32, "fcn_layers": 2, "num_classes": 10}
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_classifier(path: str | Path, *, seed: int = 0, values: dict[str, Any] | None = None,
+                    metrics: dict[str, Any] | None = None) -> Path:
+    """Saves a seeded, untrained classifier checkpoint (small by default)."""
+    torch.manual_seed(seed)
+    cfg = make_config("classifier", SMALL_CLASSIFIER if values is None else values)
+    model = build_model("classifier", cfg).eval()
+    return save_checkpoint(path, model, model_name="classifier", model_config=cfg,
+                           preprocessing={"input_size": [32, 32], "mean": CIFAR10_MEAN,
+                                          "std": CIFAR10_STD},
+                           class_names=CIFAR10_CLASSES, metrics=metrics or {"seed": seed})
+
+
+def make_vae(path: str | Path, *, seed: int = 0) -> Path:
+    """Saves a seeded, untrained tiny VAE checkpoint (model space [-1, 1])."""
+    torch.manual_seed(seed)
+    cfg = make_config("vae", {}, preset="tiny")
+    model = build_model("vae", cfg).eval()
+    return save_checkpoint(path, model, model_name="vae", model_config=cfg,
+                           preprocessing={"input_size": [32, 32], "mean": [0.5] * 3,
+                                          "std": [0.5] * 3}, metrics={"seed": seed})
+
+
+def png_bytes(image: np.ndarray, fmt: str = "PNG") -> bytes:
+    """Encodes ``uint8 [H, W, 3]`` as PNG (or JPEG)."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def random_images(n: int, size: int = 32, seed: int = 0) -> list[np.ndarray]:
+    """``n`` random RGB ``uint8`` images."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def archive_images(archive: str | Path, per_class: int) -> list[tuple[str, bytes]]:
+    """Up to ``per_class`` encoded images of each class directory of a ``.tar.gz`` archive.
+
+    Returns ``(class name, bytes)`` pairs; the class is the image's parent directory.
+    """
+    out: list[tuple[str, bytes]] = []
+    counts: dict[str, int] = {}
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar:
+            if not (member.isfile() and member.name.lower().endswith((".png", ".jpg", ".jpeg"))):
+                continue
+            label = Path(member.name).parent.name
+            if counts.get(label, 0) >= per_class:
+                continue
+            f = tar.extractfile(member)
+            if f is not None:
+                out.append((label, f.read()))
+                counts[label] = counts.get(label, 0) + 1
+    return out

@@ -1,0 +1,172 @@
+"""Hot swaps on a real Ray Serve: a new ``user_config.checkpoint`` is loaded in place (same
+replica) under continuous traffic with zero failed requests; bad checkpoints are refused while
+the old model keeps answering; batching settings apply live; a first load that fails is reported
+clearly. Deploys go through ``serve_app/config.yaml`` as ``serve deploy`` would."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from mve.checkpoint import load_checkpoint
+from serve_app.deploy import app_config, deploy, load_config, set_user_config
+from serve_app.testing import free_port, make_classifier, make_vae, png_bytes, random_images
+
+pytestmark = pytest.mark.ray
+IMG = png_bytes(random_images(1, seed=4)[0])
+
+
+@dataclass
+class Env:
+    url: str
+    config: dict[str, Any]
+    ckpts: dict[str, Path] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory):
+    import ray
+    from ray import serve
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    d = tmp_path_factory.mktemp("serve-swap")
+    ckpts = {"c1": make_classifier(d / "c1", seed=1), "c2": make_classifier(d / "c2", seed=2),
+             "vae": make_vae(d / "vae")}
+    tampered = shutil.copytree(ckpts["c1"], d / "tampered")
+    weights = bytearray((tampered / "model.safetensors").read_bytes())
+    weights[-1] ^= 0xFF
+    (tampered / "model.safetensors").write_bytes(bytes(weights))
+    (d / "model.pt").write_bytes(b"not a pickle you want to load")
+    ckpts.update(tampered=tampered, pickle=d / "model.pt", missing=d / "missing")
+    port = free_port()
+    config = app_config(load_config(), classifier=str(ckpts["c1"]), vae=None,
+                        host="127.0.0.1", port=port)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        deploy(config)
+        yield Env(f"http://127.0.0.1:{port}", config, ckpts)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def info(env: Env) -> dict[str, Any]:
+    (model,) = requests.get(env.url + "/v1/models", timeout=30).json()["models"]
+    return model
+
+
+def wait_for(predicate: Any, timeout_s: float = 60.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            assert value, "timed out"
+            return value
+        time.sleep(0.2)
+
+
+@contextmanager
+def traffic(env: Env, threads: int = 3) -> Iterator[list[tuple[int, str]]]:
+    """Clients posting /v1/classify back to back; yields the (status, checkpoint id) list."""
+    results: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with requests.Session() as s:
+            while not stop.is_set():
+                try:
+                    r = s.post(env.url + "/v1/classify", data=IMG, timeout=30,
+                               headers={"Content-Type": "image/png"})
+                    results.append((r.status_code, r.json().get("checkpoint_id", r.text)))
+                except requests.RequestException as exc:
+                    results.append((0, repr(exc)))
+
+    workers = [threading.Thread(target=client, daemon=True) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    try:
+        time.sleep(0.5)
+        yield results
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=60)
+
+
+def swap(env: Env, **user_config: Any) -> None:
+    env.config = set_user_config(env.config, "classifier", **user_config)
+    deploy(env.config)
+
+
+def test_hot_swap_under_traffic_drops_nothing(env: Env) -> None:
+    before = info(env)
+    new_id = load_checkpoint(env.ckpts["c2"]).checkpoint_id
+    assert before["checkpoint_id"] != new_id
+    with traffic(env) as results:
+        swap(env, checkpoint=str(env.ckpts["c2"]))
+        wait_for(lambda: info(env)["checkpoint_id"] == new_id)
+        n_at_swap = len(results)
+        wait_for(lambda: len(results) > n_at_swap + 10)
+    failures = [r for r in results if r[0] != 200]
+    assert not failures, failures[:5]
+    ids = [cid for _, cid in results]
+    assert {before["checkpoint_id"], new_id} <= set(ids) and ids[-1] == new_id
+    after = info(env)
+    assert after["replica"] == before["replica"], "the swap restarted the replica"
+    assert after["swap"]["swaps"] == before["swap"]["swaps"] + 1
+
+
+@pytest.mark.parametrize("bad, why", [
+    ("missing", "does not exist"),
+    ("tampered", "sha256"),
+    ("vae", "not a 'classifier'"),
+    ("pickle", "never loads pickled"),
+])
+def test_bad_checkpoint_is_refused_and_old_model_keeps_serving(env: Env, bad: str,
+                                                               why: str) -> None:
+    before = info(env)
+    with traffic(env, threads=2) as results:
+        swap(env, checkpoint=str(env.ckpts[bad]))
+        after = wait_for(lambda: (m := info(env))["swap"]["failed_swaps"]
+                         > before["swap"]["failed_swaps"] and m)
+    assert after["checkpoint_id"] == before["checkpoint_id"]
+    assert after["swap"]["requested_checkpoint"] == str(env.ckpts[bad])
+    assert why in after["swap"]["last_error"]
+    assert results and all(r == (200, before["checkpoint_id"]) for r in results), results[:5]
+
+
+def test_batching_settings_apply_live(env: Env) -> None:
+    before = info(env)
+    swap(env, checkpoint=before["checkpoint"], max_batch_size=3, batch_wait_timeout_s=0.05)
+    after = wait_for(lambda: (m := info(env))["max_batch_size"] == 3 and m)
+    assert after["batch_wait_timeout_s"] == 0.05 and after["replica"] == before["replica"]
+    r = requests.post(env.url + "/v1/classify", json={"images": [
+        __import__("base64").b64encode(IMG).decode()] * 7}, timeout=30)  # 3 + 3 + 1 images
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 7
+    swap(env, max_batch_size=32, batch_wait_timeout_s=0.005)
+
+
+def test_first_load_failure_fails_clearly(env: Env) -> None:
+    broken = app_config(load_config(), classifier=str(env.ckpts["missing"]), vae=None,
+                        name="broken", route_prefix="/broken")
+    for dep in broken["applications"][0]["deployments"]:
+        dep["max_constructor_retry_count"] = 1  # fail after one attempt, not three
+    both = {**env.config, "applications": env.config["applications"] + broken["applications"]}
+    with pytest.raises(RuntimeError, match="cannot load checkpoint .*missing"):
+        deploy(both, timeout_s=150)
+    r = requests.post(env.url + "/v1/classify", data=IMG, timeout=30,
+                      headers={"Content-Type": "image/png"})
+    assert r.status_code == 200
+    deploy(env.config)  # removes the broken app
