@@ -35,7 +35,7 @@ from cluster.common import (
     scalar_metrics,
     target_metric,
 )
-from mve.config import TrainConfig, load_train_config
+from mve.config import TrainConfig
 
 __all__ = ["ClusterConfig", "train_fn_per_worker", "build_trainer", "run_name", "run_training",
            "run_from_args", "main"]
@@ -216,18 +216,11 @@ def run_training(cfg: TrainConfig, cluster: ClusterConfig, data_path: str, *, ou
 
 def run_from_args(args: argparse.Namespace) -> int:
     """``mve train`` without ``--local``."""
+    from mve.commands import train_config_from_args
     from mve.data import resolve_data_path
     from mve.metrics import per_class_table
 
-    extra: dict[str, Any] = {}
-    if args.epochs is not None:
-        extra["epochs"] = args.epochs
-    if args.seed is not None:
-        extra["seed"] = args.seed
-    if args.limit is not None:
-        extra["data"] = {"limit": args.limit}
-    cfg = load_train_config(args.model, preset=args.preset, files=args.config,
-                            overrides=args.overrides, extra=extra)
+    cfg = train_config_from_args(args)
     data_path = str(resolve_data_path(args.data or cfg.data.path))
     cluster = ClusterConfig(num_workers=args.workers, use_gpu=args.gpu,
                             cpus_per_worker=args.cpus_per_worker, storage=args.storage,

@@ -45,6 +45,18 @@ def _device(name: str) -> torch.device:
     return dev
 
 
+def train_config_from_args(args: argparse.Namespace):
+    """The TrainConfig of ``mve train``: --preset/--config/--set plus --epochs, --seed, --limit."""
+    extra: dict[str, Any] = {}
+    if args.epochs is not None:
+        extra["epochs"] = args.epochs
+    if args.seed is not None:
+        extra["seed"] = args.seed
+    if args.limit is not None:
+        extra["data"] = {"limit": args.limit}
+    return _train_config(args, extra)
+
+
 def _train_config(args: argparse.Namespace, extra: dict[str, Any] | None = None):
     from mve.config import load_train_config
 
@@ -173,14 +185,7 @@ def _train_local(args: argparse.Namespace) -> int:
     from mve.runs import finalize_run, keep_checkpoint, latest_checkpoint
     from mve.train import fit
 
-    extra: dict[str, Any] = {}
-    if args.epochs is not None:
-        extra["epochs"] = args.epochs
-    if args.seed is not None:
-        extra["seed"] = args.seed
-    if args.limit is not None:
-        extra.setdefault("data", {})["limit"] = args.limit
-    cfg = _train_config(args, extra)
+    cfg = train_config_from_args(args)
     data_path = resolve_data_path(args.data or cfg.data.path)
     out = Path(args.out or f"runs/{cfg.model}-local")
     out.mkdir(parents=True, exist_ok=True)

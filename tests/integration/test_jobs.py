@@ -7,12 +7,10 @@ import secrets
 import socket
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from _archives import colour_archive  # tests/integration/_archives.py
 
 from mve.checkpoint import load_checkpoint
 
@@ -40,17 +38,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("jobdata")
-    rng = np.random.default_rng(1)
-    with tarfile.open(root / "d.tar.gz", "w:gz") as tar:
-        for k in range(3):
-            d = root / "train" / f"c{k}"
-            d.mkdir(parents=True)
-            for i in range(40):
-                px = np.clip(rng.normal(50 + 70 * k, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(px).save(d / f"{i}.png")
-        tar.add(root / "train", arcname="train")
-    return root / "d.tar.gz"
+    return colour_archive(tmp_path_factory.mktemp("jobdata"), seed=1)
 
 
 def _pids_of(session_root: str) -> list[int]:
@@ -107,6 +95,19 @@ def head():
         assert not leftover, f"Ray processes of the test head survived: {leftover}"
 
 
+def _submit(cmd: list[str]) -> subprocess.CompletedProcess:
+    """`ray job submit`, retried while the new head's job agent is still starting up."""
+    import time
+
+    deadline = time.monotonic() + 120
+    while True:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
+        if "No available agent to submit job" not in proc.stderr + proc.stdout or \
+                time.monotonic() > deadline:
+            return proc
+        time.sleep(3)
+
+
 SPACE = """
 optim.lr: {loguniform: [1.0e-3, 1.0e-1]}
 fixed:
@@ -126,7 +127,7 @@ def test_ray_job_submit_of_the_tune_entrypoint(head, archive, tmp_path):
            "--", "python", "-m", "cluster.tune", "classifier", "--data", str(archive),
            "--space", str(space), "--samples", "2", "--max-epochs", "1", "--val-size", "30",
            "--storage", str(tmp_path / "storage"), "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
+    proc = _submit(cmd)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout + proc.stderr
     rows = (out / "results.csv").read_text().strip().splitlines()

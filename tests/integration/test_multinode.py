@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import csv
-import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import ray
-from PIL import Image
+from _archives import colour_archive  # tests/integration/_archives.py
 from ray.cluster_utils import Cluster
 
 from cluster.tune import main as tune_main
@@ -29,17 +27,7 @@ fixed:
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("mn")
-    rng = np.random.default_rng(2)
-    with tarfile.open(root / "d.tar.gz", "w:gz") as tar:
-        for k in range(3):
-            d = root / "train" / f"c{k}"
-            d.mkdir(parents=True)
-            for i in range(40):
-                px = np.clip(rng.normal(50 + 70 * k, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(px).save(d / f"{i}.png")
-        tar.add(root / "train", arcname="train")
-    return root / "d.tar.gz"
+    return colour_archive(tmp_path_factory.mktemp("mn"), seed=2)
 
 
 @pytest.fixture(scope="module")

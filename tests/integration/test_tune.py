@@ -239,6 +239,9 @@ def _kill_session(proc: subprocess.Popen) -> list[str]:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.monotonic() + 15  # SIGKILL is asynchronous; a loaded machine needs a moment
+    while _session_pids(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
     return described
 
 
