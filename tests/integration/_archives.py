@@ -8,6 +8,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+# A one-parameter search over tiny models, for tests of where and how trials run.
+TINY_SPACE = """
+optim.lr: {loguniform: [1.0e-3, 1.0e-1]}
+fixed:
+  model.num_classes: 3
+  model.cnn_layers: 3
+  model.final_channels: 16
+  model.fcn_layers: 2
+  batch_size: 20
+"""
+
 
 def colour_archive(root: Path, *, classes: int = 3, per_class: int = 40, seed: int = 0) -> Path:
     """A tar.gz of ``train/c<k>/<i>.png`` (32x32) whose mean brightness tells the class."""

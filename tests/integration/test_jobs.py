@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _archives import colour_archive  # tests/integration/_archives.py
+from _archives import TINY_SPACE, colour_archive  # tests/integration/_archives.py
 
 from mve.checkpoint import load_checkpoint
 
@@ -108,15 +108,7 @@ def _submit(cmd: list[str]) -> subprocess.CompletedProcess:
         time.sleep(3)
 
 
-SPACE = """
-optim.lr: {loguniform: [1.0e-3, 1.0e-1]}
-fixed:
-  model.num_classes: 3
-  model.cnn_layers: 3
-  model.final_channels: 16
-  model.fcn_layers: 2
-  batch_size: 20
-"""
+SPACE = TINY_SPACE
 
 
 def test_ray_job_submit_of_the_tune_entrypoint(head, archive, tmp_path):

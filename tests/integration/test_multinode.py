@@ -7,22 +7,14 @@ from pathlib import Path
 
 import pytest
 import ray
-from _archives import colour_archive  # tests/integration/_archives.py
+from _archives import TINY_SPACE, colour_archive  # tests/integration/_archives.py
 from ray.cluster_utils import Cluster
 
 from cluster.tune import main as tune_main
 
 pytestmark = pytest.mark.ray
 
-SPACE = """
-optim.lr: {loguniform: [1.0e-3, 1.0e-1]}
-fixed:
-  model.num_classes: 3
-  model.cnn_layers: 3
-  model.final_channels: 16
-  model.fcn_layers: 2
-  batch_size: 20
-"""
+SPACE = TINY_SPACE
 
 
 @pytest.fixture(scope="module")
