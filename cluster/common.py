@@ -84,6 +84,8 @@ def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 def fetch_checkpoint(checkpoint: Any, dest: str | Path, filesystem: Any | None = None) -> Path:
     """Copies a Ray ``Checkpoint``, or a checkpoint path/URI, into the local directory ``dest``."""
+    import ray.train  # `import ray` alone does not load the ray.train submodule
+
     if isinstance(checkpoint, str | Path):
         checkpoint = ray.train.Checkpoint(str(checkpoint), filesystem=filesystem)
     dest = Path(dest)

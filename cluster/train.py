@@ -8,6 +8,13 @@ A thin adapter: every worker runs ``mve.train.fit`` with a reporter that calls
 ``prepare_model`` for DDP. Reusing the storage path and run name resumes the run from its
 latest checkpoint (Train V2 has no ``restore``: the controller finds the run's snapshot
 and ``ray.train.get_checkpoint()`` hands the checkpoint to the workers).
+
+Checkpoints reach storage (a path or ``s3://``) through :func:`upload_checkpoint`, which
+writes ``mve.json``, the manifest that records every file's sha256, last: object stores have
+no rename, so the manifest is the commit record. Ray registers a checkpoint in the run's
+snapshot only after its upload returned, and a resume verifies the checkpoint it is handed
+(every file present, hashes matching) before training from it, falling back to the newest
+earlier reported checkpoint that verifies.
 """
 
 from __future__ import annotations
@@ -37,8 +44,8 @@ from cluster.common import (
 )
 from mve.config import TrainConfig
 
-__all__ = ["ClusterConfig", "train_fn_per_worker", "build_trainer", "run_name", "run_training",
-           "run_from_args", "main"]
+__all__ = ["ClusterConfig", "train_fn_per_worker", "upload_checkpoint", "build_trainer",
+           "run_name", "run_training", "run_from_args", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,10 +107,111 @@ def _maybe_inject_failure(spec: Mapping[str, Any] | None, epoch: int, rank: int)
     os._exit(1)
 
 
+def upload_checkpoint(checkpoint: ray.train.Checkpoint, checkpoint_dir_name: str
+                      ) -> ray.train.Checkpoint:
+    """``checkpoint_upload_fn`` for ``ray.train.report``: copies a local mve checkpoint into the
+    run's storage with the manifest (``mve.json``) written last.
+
+    Ray's default copy writes files in listing order, so an upload cut short by a kill could
+    leave ``mve.json`` next to missing weights or training state. Here the manifest of an
+    earlier, interrupted attempt at the same directory is deleted first (it must not vouch for
+    the new files), the weight files follow, and ``mve.json`` commits them. On a local or
+    shared filesystem every file is also written under a temporary name and renamed.
+    """
+    import pyarrow.fs as pafs
+
+    from mve.checkpoint import META
+
+    storage = ray.train.get_context().get_storage()
+    fs = storage.storage_filesystem
+    dest = storage.build_checkpoint_path_from_name(checkpoint_dir_name)
+    src = Path(checkpoint.path)
+    local = isinstance(fs, pafs.LocalFileSystem)
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    ordered = [p for p in files if p.name != META] + [p for p in files if p.name == META]
+    fs.create_dir(dest, recursive=True)
+    manifest = f"{dest}/{META}"
+    if fs.get_file_info(manifest).type != pafs.FileType.NotFound:
+        fs.delete_file(manifest)
+    for f in ordered:
+        rel = f.relative_to(src).as_posix()
+        target = f"{dest}/{rel}"
+        if "/" in rel:
+            fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        tmp = f"{dest}/.{rel}.uploading" if local and "/" not in rel else target
+        with open(f, "rb") as fin, fs.open_output_stream(tmp) as fout:
+            while chunk := fin.read(8 << 20):
+                fout.write(chunk)
+        if tmp != target:
+            fs.move(tmp, target)
+    return ray.train.Checkpoint(dest, filesystem=fs)
+
+
+def _resume_point(tmp: Path, rank: int) -> tuple[Path | None, int]:
+    """The checkpoint to resume from, fetched into ``tmp`` and verified, and its epoch.
+
+    ``ray.train.get_checkpoint()`` is the run's latest registered checkpoint. If it does not
+    verify (a file missing or altered in storage), the newest earlier reported checkpoint that
+    does is used instead, with a warning; if none does, the run fails rather than train from a
+    corrupt state.
+    """
+    from mve.checkpoint import CheckpointError, verify_checkpoint
+
+    latest = ray.train.get_checkpoint()
+    if latest is None:
+        return None, 0
+    rejected: list[str] = []
+
+    def attempt(ckpt: ray.train.Checkpoint) -> tuple[Path, int] | None:
+        local = fetch_checkpoint(ckpt, tmp / f"ckpt{len(rejected)}")
+        try:
+            meta = verify_checkpoint(local)
+        except CheckpointError as exc:
+            logger.warning("rank %d: checkpoint %s does not verify, not resuming from it: %s",
+                           rank, ckpt.path, exc)
+            rejected.append(f"{ckpt.path}: {exc}")
+            return None
+        epoch = int((meta.get("metrics") or {}).get("epoch", 0))
+        logger.info("rank %d resuming from %s (epoch %d done)", rank, ckpt.path, epoch)
+        return local, epoch
+
+    found = attempt(latest)
+    if found is not None:
+        return found
+    try:  # the latest is bad: try the run's other retained checkpoints, newest first
+        reported = ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120)
+    except Exception as exc:  # noqa: BLE001 - degrade to "nothing else to try"
+        logger.warning("cannot list the run's other checkpoints: %s", exc)
+        reported = []
+    others = [r for r in reported if r.checkpoint.path != latest.path]
+    others.sort(key=lambda r: (r.metrics or {}).get("epoch", -1), reverse=True)
+    for r in others:
+        found = attempt(r.checkpoint)
+        if found is not None:
+            return found
+    raise RuntimeError("no reported checkpoint of this run verifies; refusing to resume from a "
+                       "corrupt state:\n  " + "\n  ".join(rejected))
+
+
+def _worker_logging() -> None:
+    """This module's INFO lines (which checkpoint a worker resumes from) reach the driver's
+    output, like mve's epoch lines."""
+    log = logging.getLogger("cluster")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+        log.setLevel(logging.INFO)
+
+
 def train_fn_per_worker(config: dict) -> None:
     """Ray Train worker: rebuilds the typed config and runs ``mve.train.fit``."""
     from mve.data import load_data
     from mve.train import fit
+
+    _worker_logging()
 
     cfg = TrainConfig.from_dict(config["train"])
     ctx = ray.train.get_context()
@@ -116,21 +224,21 @@ def train_fn_per_worker(config: dict) -> None:
 
     node_id = ray.get_runtime_context().get_node_id()
 
-    def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
-        flat = {**scalar_metrics(metrics), "node_id": node_id}
-        if metrics_sink is not None:
-            metrics_sink.record(flat)
-        ckpt = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None
-        ray.train.report(flat, checkpoint=ckpt,
-                         checkpoint_dir_name=f"epoch_{metrics['epoch']:04d}" if ckpt else None)
-        _maybe_inject_failure(config.get("inject_failure"), metrics["epoch"], rank)
-
     with tempfile.TemporaryDirectory(prefix="mve-resume-") as tmp:
-        resume = None
-        latest = ray.train.get_checkpoint()
-        if latest is not None:
-            resume = fetch_checkpoint(latest, Path(tmp) / "ckpt")
-            logger.info("rank %d resuming from %s", rank, latest.path)
+        resume, resumed_from = _resume_point(Path(tmp), rank)
+
+        def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
+            # resumed_from_epoch: the epoch this worker group started after (0: from scratch)
+            flat = {**scalar_metrics(metrics), "resumed_from_epoch": resumed_from,
+                    "node_id": node_id}
+            if metrics_sink is not None:
+                metrics_sink.record(flat)
+            ckpt = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None
+            ray.train.report(flat, checkpoint=ckpt,
+                             checkpoint_dir_name=f"epoch_{metrics['epoch']:04d}" if ckpt else None,
+                             checkpoint_upload_fn=upload_checkpoint if ckpt else None)
+            _maybe_inject_failure(config.get("inject_failure"), metrics["epoch"], rank)
+
         fit(cfg, data, device=device, rank=rank, world_size=world, report=report,
             resume_from=resume, progress=False, wrap_model=ray.train.torch.prepare_model)
 

@@ -13,6 +13,10 @@ Writes are atomic: a new checkpoint is staged in a sibling temporary directory a
 renamed into place. Overwriting an existing checkpoint replaces the weight files first
 and ``mve.json`` last, each with ``os.replace``; a crash in between leaves a hash
 mismatch that loading reports, never silently mixed weights.
+
+``mve.json`` is the commit record: a copy or upload of a checkpoint (object stores have no
+rename) writes it after every file it lists, and :func:`verify_checkpoint` accepts a directory
+only when the manifest is there and every listed file is present with its recorded sha256.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -37,7 +41,7 @@ from mve.models import build_model, config_to_dict, get_spec, make_config
 
 __all__ = [
     "FORMAT_VERSION", "CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint",
-    "read_meta", "load_training_state", "unwrap_model",
+    "read_meta", "verify_checkpoint", "load_training_state", "unwrap_model",
 ]
 
 FORMAT_VERSION = 1
@@ -288,6 +292,45 @@ def _verified_tensors(d: Path, name: str, meta: Mapping[str, Any]) -> dict[str, 
         return load_file(str(f))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{f} is not a valid safetensors file: {exc}") from None
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Checks that a checkpoint is complete without loading it; returns its manifest.
+
+    Complete means: a valid ``mve.json`` and every file it records present with the recorded
+    sha256 (and, for ``.safetensors`` files, a valid safetensors header). A checkpoint whose
+    copy or upload was cut short fails: its manifest is missing, or a file it lists is missing
+    or differs.
+
+    Raises:
+        CheckpointError: the checkpoint is incomplete, tampered with or not in mve's format.
+    """
+    d = _resolve_dir(path)
+    meta = read_meta(d)
+    files = meta["files"]
+    if not isinstance(files, Mapping):
+        raise CheckpointError(f"{d / META}: 'files' must map file names to hashes")
+    for name, entry in files.items():
+        if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
+            raise CheckpointError(f"{d / META}: bad file name {name!r}")
+        f = d / name
+        if not f.is_file():
+            raise CheckpointError(f"{d}: {name} is missing; the checkpoint is incomplete")
+        expected = entry.get("sha256") if isinstance(entry, Mapping) else None
+        actual = _sha256(f)
+        if actual != expected:
+            raise CheckpointError(
+                f"{f}: sha256 {actual[:16]}... does not match the one recorded in {META}; the "
+                f"checkpoint was modified or only partly written")
+        if name.endswith(".safetensors"):
+            try:  # the header only: tensors stay on disk
+                with safe_open(str(f), framework="pt") as st:
+                    st.keys()
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise CheckpointError(f"{f} is not a valid safetensors file: {exc}") from None
+    if "training_state" in meta and STATE not in files:
+        raise CheckpointError(f"{d / META} has a training state but records no hash for {STATE}")
+    return meta
 
 
 def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> Checkpoint:

@@ -16,7 +16,13 @@ from typing import Any
 
 import torch
 
-from mve.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from mve.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from mve.config import TrainConfig
 from mve.models import get_spec
 from mve.report import vae_grids, write_json, write_run_report
@@ -28,11 +34,22 @@ logger = logging.getLogger(__name__)
 
 
 def latest_checkpoint(ckpts: Path) -> Path | None:
-    """The newest complete ``epoch_NNNN`` checkpoint under ``ckpts``."""
+    """The newest complete ``epoch_NNNN`` checkpoint under ``ckpts``.
+
+    Complete as :func:`mve.checkpoint.verify_checkpoint` means it: the manifest and every file
+    it lists, with matching sha256. A newer directory left partial by a crash during a copy or
+    an upload is skipped (with a warning), so a resume never picks it up.
+    """
     if not ckpts.is_dir():
         return None
-    found = sorted(p for p in ckpts.glob("epoch_*") if (p / "mve.json").exists())
-    return found[-1] if found else None
+    for candidate in sorted((p for p in ckpts.glob("epoch_*") if p.is_dir()), reverse=True):
+        try:
+            verify_checkpoint(candidate)
+        except CheckpointError as exc:
+            logger.warning("skipping incomplete checkpoint %s: %s", candidate, exc)
+            continue
+        return candidate
+    return None
 
 
 def keep_checkpoint(src: Path, dest: Path, keep: int) -> None:

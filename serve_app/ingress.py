@@ -10,7 +10,8 @@ Routes (``/v1`` errors are ``{"error": {"code", "message"}}``, ``/v2`` errors ``
 With an API key configured (``AppArgs.api_key_file`` or ``$MVE_API_KEY``) every inference and
 model-metadata route needs ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``; the page,
 ``/docs`` and the health routes stay open. A model that is not deployed answers 404, one that
-does not answer in ``model_timeout_s`` 503.
+does not answer in ``model_timeout_s`` 503. A model call whose replica dies mid-request is
+retried on another replica (inference is idempotent), so killing a replica fails no request.
 """
 
 # No `from __future__ import annotations`: Serve rebuilds the route signatures and FastAPI must
@@ -22,7 +23,11 @@ from typing import Any
 from fastapi import Request
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from mve import __version__
@@ -68,6 +73,15 @@ _STATIC_TYPES = {"app.js": "text/javascript", "style.css": "text/css"}
 _CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
         "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 _MODELS = ("classifier", "vae")
+# Retries of a model call whose replica died under it (see Ingress._call).
+MODEL_CALL_ATTEMPTS = 3
+_RETRY_BACKOFF_S = (0.05, 0.25)
+_REPLICA_LOST = (RayActorError, ReplicaUnavailableError)
+
+
+def _unavailable(model: str) -> ApiError:
+    return ApiError(503, "model_unavailable", f"the {model} is not answering; retry later",
+                    headers={"Retry-After": "1"})
 
 
 @serve.deployment(
@@ -83,26 +97,50 @@ class Ingress:
         self._handles = {"classifier": classifier, "vae": vae}
         harden_pillow()
         api_key = load_api_key(self._args)
-        configure(metrics=IngressMetrics(), api_key=api_key)
+        self._metrics = IngressMetrics()
+        configure(metrics=self._metrics, api_key=api_key)
         if api_key is None:
             logger.warning("mve ingress: no API key configured; inference routes are open")
         self._page = (STATIC / "index.html").read_text()
         self._static = {n: (STATIC / n).read_bytes() for n in _STATIC_TYPES}
 
     async def _call(self, model: str, method: str, *args: Any) -> Any:
+        """Calls ``method`` on a replica of ``model``, within ``model_timeout_s`` in all.
+
+        A call whose replica dies under it (killed, OOM, node lost: ``RayActorError``) is sent
+        again, up to :data:`MODEL_CALL_ATTEMPTS` times in all: every model method the ingress
+        calls is a pure function of its arguments (inference or metadata), and Serve's router
+        has by then dropped the dead replica, so the retry lands on a live one. Nothing else is
+        retried. A model that stays unreachable is a 503 with ``Retry-After``.
+        """
         handle = self._handles.get(model)
         if handle is None:
             raise ApiError(404, "model_not_found", f"no {model} is deployed on this server")
-        try:
-            result = await asyncio.wait_for(getattr(handle, method).remote(*args),
-                                            self._args.model_timeout_s)
-        except RayTaskError as exc:
-            if isinstance(exc.cause, ApiError):
-                raise exc.cause from None
-            raise
-        except (TimeoutError, BackPressureError, DeploymentUnavailableError, RayActorError):
-            raise ApiError(503, "model_unavailable", f"the {model} is not answering; retry "
-                           "later", headers={"Retry-After": "1"}) from None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._args.model_timeout_s
+        attempt = 1
+        while True:
+            try:
+                result = await asyncio.wait_for(getattr(handle, method).remote(*args),
+                                                max(deadline - loop.time(), 0.001))
+                break
+            except RayTaskError as exc:
+                if isinstance(exc.cause, ApiError):
+                    raise exc.cause from None
+                raise
+            except _REPLICA_LOST as exc:
+                backoff = _RETRY_BACKOFF_S[min(attempt, len(_RETRY_BACKOFF_S)) - 1]
+                if attempt >= MODEL_CALL_ATTEMPTS or loop.time() + backoff >= deadline:
+                    raise _unavailable(model) from None
+                reason = type(exc).__name__
+                self._metrics.retried(model, reason)
+                logger.warning("%s.%s: the replica was lost (%s); retrying on another "
+                               "(attempt %d of %d)", model, method, reason, attempt + 1,
+                               MODEL_CALL_ATTEMPTS)
+                attempt += 1
+                await asyncio.sleep(backoff)
+            except (TimeoutError, BackPressureError, DeploymentUnavailableError):
+                raise _unavailable(model) from None
         if isinstance(result, dict) and "error" in result:
             raise ApiError(*result["error"])
         return result

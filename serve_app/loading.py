@@ -57,6 +57,7 @@ def _local_copy(source: str) -> tuple[Path, Path | None]:
         fs, path = pafs.FileSystem.from_uri(source)
     tmp = Path(tempfile.mkdtemp(prefix="mve-ckpt-"))
     try:
+        (tmp / "ckpt").mkdir()  # copy_files does not create a missing local destination
         pafs.copy_files(path, str(tmp / "ckpt"), source_filesystem=fs,
                         destination_filesystem=pafs.LocalFileSystem())
     except Exception as exc:

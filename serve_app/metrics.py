@@ -7,6 +7,8 @@ metrics export port (``mve serve --metrics-port P`` -> ``http://127.0.0.1:P/metr
 - ``ray_mve_http_requests_total{route,method,status}``: ingress requests by route template
 - ``ray_mve_http_request_latency_ms_bucket{route,method}``: ingress latency histogram
 - ``ray_mve_rejected_requests_total{route,code}``: 4xx rejections by error code
+- ``ray_mve_model_call_retries_total{model,reason}``: model calls re-sent by the ingress
+  because their replica died mid-request (``ActorDiedError``, ``ActorUnavailableError``)
 - ``ray_mve_batch_size_bucket{model}``: images per forward pass (dynamic batching)
 - ``ray_mve_model_forward_latency_ms_bucket{model,method}``: model time per call/batch
 - ``ray_mve_predictions_total{model,class}``: top-1 predictions by class
@@ -37,6 +39,9 @@ class IngressMetrics:
                                  tag_keys=("route", "method"))
         self.rejected = Counter("mve_rejected_requests", description="Rejected (4xx) requests "
                                 "by error code", tag_keys=("route", "code"))
+        self.retries = Counter("mve_model_call_retries", description="Model calls re-sent "
+                               "because their replica died mid-request",
+                               tag_keys=("model", "reason"))
 
     def record(self, route: str, method: str, status: int, latency_ms: float) -> None:
         """Counts one finished request."""
@@ -46,6 +51,10 @@ class IngressMetrics:
     def reject(self, route: str, code: str) -> None:
         """Counts one rejected request by its error code."""
         self.rejected.inc(tags={"route": route, "code": code})
+
+    def retried(self, model: str, reason: str) -> None:
+        """Counts one model call re-sent after its replica was lost."""
+        self.retries.inc(tags={"model": model, "reason": reason})
 
 
 class ModelMetrics:

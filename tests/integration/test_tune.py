@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
 import subprocess
 import sys
 import tarfile
@@ -199,123 +197,7 @@ def test_vae_search_minimises_the_validation_elbo(archive, spaces, tmp_path, loc
     assert _is_png(out / "param_importance.png")  # "not enough trials" with 2 trials
 
 
-# -- resume after a hard kill -------------------------------------------------------------
-
-def _session_pids(sid: int) -> list[int]:
-    """Processes of the session ``sid`` (what `python -m cluster.tune` and its Ray started)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":  # session id; skip zombies
-            pids.append(int(stat.parent.name))
-    return pids
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
-    except OSError:
-        return "?"
-
-
-def _kill_session(proc: subprocess.Popen) -> list[str]:
-    """SIGKILLs the process group, then any process of the session that survived; returns
-    the processes that had to be killed individually."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=60)
-    deadline = time.monotonic() + 5
-    while _session_pids(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    survivors = _session_pids(proc.pid)
-    described = [f"{pid}: {_cmdline(pid)}" for pid in survivors]
-    for pid in survivors:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 15  # SIGKILL is asynchronous; a loaded machine needs a moment
-    while _session_pids(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return described
-
-
-def _trial_states(exp: Path) -> dict[str, str]:
-    """trial id -> status from Tune's latest experiment state file."""
-    files = sorted(exp.glob("experiment_state-*.json"))
-    if not files:
-        return {}
-    try:
-        data = json.loads(files[-1].read_text())
-    except (OSError, ValueError):  # being rewritten
-        return {}
-    out = {}
-    for entry in data.get("trial_data", []):
-        state = json.loads(entry[0]) if isinstance(entry[0], str) else entry[0]
-        out[state["trial_id"]] = state.get("status")
-    return out
-
-
-def _reports(exp: Path) -> dict[str, int]:
-    """trial id -> number of results it reported (lines of its result.json)."""
-    return {p.parent.name.removeprefix("trial_"): len(p.read_text().splitlines())
-            for p in exp.glob("trial_*/result.json")}
-
-
-def test_interrupted_search_resumes_without_rerunning_finished_trials(archive, spaces,
-                                                                      tmp_path):
-    cmd = [sys.executable, "-m", "cluster.tune",
-           *_args("classifier", archive, spaces["classifier"], tmp_path, "--samples", "6",
-                  "--max-epochs", "3", "--name", "resume-test")]
-    exp = tmp_path / "storage" / "resume-test"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    log = tmp_path / "first.log"
-    with open(log, "w") as f:
-        first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and first.poll() is None:
-            states = _trial_states(exp)
-            if "TERMINATED" in states.values():
-                break
-            time.sleep(0.25)
-        assert first.poll() is None, "the search ended before it could be interrupted:\n" + \
-            log.read_text()[-3000:]
-        finished = {t for t, s in _trial_states(exp).items() if s == "TERMINATED"}
-        assert finished, "no trial finished in time:\n" + log.read_text()[-3000:]
-        reports = _reports(exp)
-    finally:
-        stragglers = _kill_session(first)
-    # SIGKILL to the driver's process group takes its embedded Ray's GCS, raylet and agents
-    # along. Ray's worker processes run in process groups of their own and exit by themselves
-    # once the raylet is gone (seconds, more on a loaded machine); _kill_session kills any
-    # still there after 5 s by pid, so nothing of the first run is left.
-    if stragglers:
-        print("killed straggling Ray workers:", *stragglers, sep="\n  ")
-    assert not _session_pids(first.pid)
-    assert not any("gcs_server" in p or "raylet" in p for p in stragglers)
-
-    second = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = second.communicate(timeout=300)
-    finally:
-        _kill_session(second)  # normally a no-op: the run shut its Ray down
-    assert second.returncode == 0, output[-4000:]
-    assert "resuming the search" in output
-    rows = {r["trial_id"]: r for r in _rows(tmp_path / "out")}
-    assert len(rows) == 6 and {r["status"] for r in rows.values()} == {"TERMINATED"}
-    after = _reports(exp)
-    for trial in finished:  # kept as they were: no new reports, same epochs
-        assert after[trial] == reports[trial], (trial, reports, after)
-        assert int(rows[trial]["epochs"]) == reports[trial]
-    assert finished < set(rows)  # and the rest were run after the restore
+# -- resume after a hard kill: tests/reliability/test_tune_faults.py (make test-reliability) --
 
 
 # -- validation before Ray ----------------------------------------------------------------

@@ -1,0 +1,283 @@
+"""Serving under faults: steady ``/v1/classify`` load (bench/load.py, 4 clients) against 2
+classifier replicas while (a) one replica's worker process is SIGKILLed, (b) the HTTP proxy's
+process is SIGKILLed, (c) the checkpoint is hot-swapped.
+
+Each scenario requires zero failed requests, with only the client retries README.md documents
+(connection failures and 503, exponential back-off; bench/load.py's ``RetryPolicy``), and
+recovery to the configured state (2 RUNNING replicas, a healthy proxy). It records requests
+sent, failed and retried and p50/p99 latency before, during (fault until recovery) and after
+the fault, and the recovery time (see RELIABILITY.md)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+
+from mve.checkpoint import load_checkpoint
+from serve_app.deploy import app_config, deploy, load_config, set_user_config
+from serve_app.testing import free_port, make_classifier, png_bytes, random_images
+
+pytestmark = pytest.mark.ray
+
+REPLICAS = 2
+CONCURRENCY = 4
+STEADY_S = 5.0  # at least this long (and MIN_REQUESTS requests) before and after each fault
+MIN_REQUESTS = 40
+RECOVERY_TIMEOUT_S = 240.0
+IMG = png_bytes(random_images(1, seed=3)[0])
+BATCH_CLIENTS = 2  # replica kill only: clients sending BATCH_IMAGES-image requests
+BATCH_IMAGES = 32
+
+
+@dataclass
+class App:
+    url: str
+    config: dict[str, Any]
+    ckpts: dict[str, Path] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def app(serve_instance, tmp_path_factory: pytest.TempPathFactory) -> App:
+    d = tmp_path_factory.mktemp("serve-faults")
+    ckpts = {"c1": make_classifier(d / "c1", seed=1), "c2": make_classifier(d / "c2", seed=2)}
+    config = app_config(load_config(), classifier=str(ckpts["c1"]), vae=None,
+                        host="127.0.0.1", port=free_port())
+    for dep in config["applications"][0]["deployments"]:
+        n = REPLICAS if dep["name"] == "Classifier" else 1
+        dep["autoscaling_config"].update(min_replicas=n, max_replicas=n, initial_replicas=n)
+    url = serve_instance(config)
+    wait_until(lambda: healthy(), 180, "the app to reach 2 classifier replicas")
+    return App(url, config, ckpts)
+
+
+# -- cluster state ---------------------------------------------------------------------------
+
+def alive_actors(class_name: str) -> dict[str, int]:
+    """``{actor id: pid}`` of the ALIVE actors of a class (from the GCS; no dashboard needed)."""
+    from ray._private import state
+
+    return {aid: info["Pid"] for aid, info in state.actors().items()
+            if info["ActorClassName"] == class_name and info["State"] == "ALIVE"}
+
+
+REPLICA_CLASS = "ServeReplica:mve:Classifier"
+PROXY_CLASS = "ProxyActor"
+
+
+def running_replicas() -> int:
+    from ray import serve
+
+    app = serve.status().applications.get("mve")
+    if app is None or "Classifier" not in app.deployments:
+        return 0
+    return app.deployments["Classifier"].replica_states.get("RUNNING", 0)
+
+
+def healthy() -> bool:
+    from ray import serve
+
+    status = serve.status()
+    app = status.applications.get("mve")
+    return (app is not None and app.status.value == "RUNNING"
+            and running_replicas() == REPLICAS
+            and len(alive_actors(REPLICA_CLASS)) == REPLICAS
+            and bool(status.proxies)
+            and all(s.value == "HEALTHY" for s in status.proxies.values()))
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str) -> float:
+    """Polls ``predicate`` until true; returns the seconds it took."""
+    t0 = time.monotonic()
+    while True:
+        try:
+            if predicate():
+                return time.monotonic() - t0
+        except Exception:  # noqa: BLE001 - e.g. the proxy is down: not yet
+            pass
+        if time.monotonic() - t0 > timeout_s:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(0.25)
+
+
+def ingress_retries() -> int:
+    """Model calls the ingress re-sent so far because their replica died (its log lines)."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    return sum(f.read_text(errors="replace").count("the replica was lost")
+               for f in logs.glob("replica_mve_Ingress_*.log"))
+
+
+def sigkill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+    # Gone, or a zombie waiting for its parent (the raylet): dead either way.
+    wait_until(lambda: not Path(f"/proc/{pid}").exists()
+               or "State:\tZ" in Path(f"/proc/{pid}/status").read_text(), 30,
+               f"process {pid} to die")
+
+
+# -- the scenario runner -----------------------------------------------------------------------
+
+def _valid(body: bytes) -> bool:
+    out = json.loads(body)
+    return len(out["predictions"]) == 1 and out["checkpoint_id"].startswith("classifier-")
+
+
+def _checkpoint_id(body: bytes) -> str:
+    return json.loads(body)["checkpoint_id"]
+
+
+def _gradient_batch(n: int = BATCH_IMAGES, size: int = 300) -> bytes:
+    """``n`` smooth ``size``-pixel PNGs as base64 JSON: small to send, slow to preprocess."""
+    g = np.zeros((size, size, 3), np.uint8)
+    g[..., 0] = (np.arange(size) * 255 // size)[:, None]
+    g[..., 1] = (np.arange(size) * 255 // size)[None, :]
+    return json.dumps({"images": [base64.b64encode(png_bytes(g)).decode()] * n}).encode()
+
+
+def _valid_batch(body: bytes) -> bool:
+    return len(json.loads(body)["predictions"]) == BATCH_IMAGES
+
+
+def run_fault(app: App, load_tools: Any, inject: Callable[[], dict[str, Any]],
+              recovered: Callable[[], bool], *, batches: bool = False) -> dict[str, Any]:
+    """Steady load; ``inject()`` the fault ("during" starts); wait for ``recovered()``
+    ("after" starts); more steady load; returns the figures.
+
+    ``batches`` adds :data:`BATCH_CLIENTS` clients sending slow :data:`BATCH_IMAGES`-image
+    requests, so that a killed replica is almost surely in the middle of executing one (a
+    request Serve's router cannot re-route by itself; the ingress re-sends it)."""
+    wait_until(healthy, RECOVERY_TIMEOUT_S, "a healthy app before the fault")
+    retried_before = ingress_retries()
+    loads = {"single": load_tools.Load(
+        app.url + "/v1/classify", IMG, {"Content-Type": "image/png"}, concurrency=CONCURRENCY,
+        timeout_s=60.0, check=_valid, tag=_checkpoint_id)}
+    if batches:
+        loads["batch"] = load_tools.Load(
+            app.url + "/v1/classify", _gradient_batch(), {"Content-Type": "application/json"},
+            concurrency=BATCH_CLIENTS, timeout_s=60.0, check=_valid_batch)
+    load = loads["single"]
+    try:
+        for one in loads.values():
+            one.start()
+        t0 = time.monotonic()
+        load.wait_for(MIN_REQUESTS, "before", timeout_s=120)
+        for one in loads.values():
+            one.wait_for(2, "before", timeout_s=120)
+        time.sleep(max(0.0, STEADY_S - (time.monotonic() - t0)))
+        t_fault = time.monotonic()
+        for one in loads.values():
+            one.mark("during")
+        detail = inject()
+        wait_until(recovered, RECOVERY_TIMEOUT_S, "recovery")
+        recovery_s = time.monotonic() - t_fault  # from the fault, injection included
+        t_after = time.monotonic()
+        for one in loads.values():
+            one.mark("after")
+        load.wait_for(MIN_REQUESTS, "after", timeout_s=120)
+        time.sleep(max(0.0, STEADY_S - (time.monotonic() - t_after)))
+    finally:
+        for one in loads.values():
+            one.stop()
+    summary = load.summary()
+    figures = {**detail, "recovery_s": round(recovery_s, 2), "replicas": REPLICAS,
+               "concurrency": CONCURRENCY,
+               "ingress_model_call_retries": ingress_retries() - retried_before,
+               "phases": summary["phases"], "all": summary["all"]}
+    if batches:
+        b = loads["batch"].summary()
+        figures["batch_load"] = {"concurrency": BATCH_CLIENTS, "images": BATCH_IMAGES,
+                                 "phases": b["phases"], "all": b["all"]}
+    return figures
+
+
+def assert_nothing_failed(figures: dict[str, Any]) -> None:
+    for phase in ("before", "during", "after"):
+        f = figures["phases"][phase]
+        assert f["sent"] > 0, f"no request in phase {phase}: {figures}"
+        assert f["failed"] == 0, f"{f['failed']} failed requests {phase} the fault: {f}"
+    assert figures["phases"]["before"]["retries"] == 0, figures["phases"]["before"]
+    if "batch_load" in figures:
+        assert figures["batch_load"]["all"]["failed"] == 0, figures["batch_load"]
+
+
+# -- the scenarios ---------------------------------------------------------------------------
+
+def test_replica_kill_under_load_fails_no_request(app: App, load_tools, record_figures) -> None:
+    before = alive_actors(REPLICA_CLASS)
+    assert len(before) == REPLICAS
+    victim, pid = sorted(before.items())[0]
+
+    def inject() -> dict[str, Any]:
+        sigkill(pid)
+        return {"scenario": "SIGKILL of one classifier replica's worker process",
+                "killed_pid": pid}
+
+    def recovered() -> bool:
+        now = alive_actors(REPLICA_CLASS)
+        return victim not in now and len(now) == REPLICAS and healthy()
+
+    figures = run_fault(app, load_tools, inject, recovered, batches=True)
+    record_figures("serve_replica_kill", figures)
+    assert_nothing_failed(figures)
+    after = alive_actors(REPLICA_CLASS)
+    assert victim not in after and len(after) == REPLICAS and running_replicas() == REPLICAS
+
+
+def test_proxy_kill_under_load_fails_no_request(app: App, load_tools, record_figures) -> None:
+    before = alive_actors(PROXY_CLASS)
+    assert len(before) == 1, before
+    ((victim, pid),) = before.items()
+
+    def inject() -> dict[str, Any]:
+        sigkill(pid)
+        return {"scenario": "SIGKILL of the HTTP proxy actor's process", "killed_pid": pid}
+
+    def recovered() -> bool:
+        now = alive_actors(PROXY_CLASS)
+        return (len(now) == 1 and victim not in now and healthy()
+                and requests.get(app.url + "/-/healthz", timeout=5).status_code == 200)
+
+    figures = run_fault(app, load_tools, inject, recovered)
+    record_figures("serve_proxy_kill", figures)
+    assert_nothing_failed(figures)
+    # The proxy came back as a new actor, and the replicas were untouched.
+    assert victim not in alive_actors(PROXY_CLASS) and running_replicas() == REPLICAS
+
+
+def test_hot_swap_under_load_fails_no_request(app: App, load_tools, record_figures) -> None:
+    old_id = load_checkpoint(app.ckpts["c1"]).checkpoint_id
+    new_id = load_checkpoint(app.ckpts["c2"]).checkpoint_id
+    replicas = alive_actors(REPLICA_CLASS)
+
+    def models() -> str:
+        return requests.get(app.url + "/v1/models", timeout=10).json()["models"][0][
+            "checkpoint_id"]
+
+    def inject() -> dict[str, Any]:
+        app.config = set_user_config(app.config, "classifier", checkpoint=str(app.ckpts["c2"]))
+        deploy(app.config, timeout_s=RECOVERY_TIMEOUT_S)
+        return {"scenario": "hot swap of the classifier checkpoint (user_config)",
+                "from": old_id, "to": new_id}
+
+    def recovered() -> bool:  # every replica answers with the new checkpoint
+        return all(models() == new_id for _ in range(4 * REPLICAS)) and healthy()
+
+    assert models() == old_id
+    figures = run_fault(app, load_tools, inject, recovered)
+    record_figures("serve_hot_swap", figures)
+    assert_nothing_failed(figures)
+    assert figures["phases"]["after"]["tags"] == {new_id: figures["phases"]["after"]["sent"]}
+    assert set(figures["all"]["tags"]) == {old_id, new_id}
+    assert alive_actors(REPLICA_CLASS) == replicas, "the swap restarted replicas"
