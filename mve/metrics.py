@@ -282,6 +282,10 @@ def ssim(
         ``[B]`` float tensor of SSIM values (1.0 for identical images).
     """
     x, y = _as_image_batch(x, y)
+    if torch.is_autocast_enabled(x.device.type):  # bf16 convolutions make the variances garbage
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return ssim(x.float(), y.float(), data_range=data_range, window_size=window_size,
+                        sigma=sigma)
     b, c, h, w = x.shape
     if window_size < 1 or window_size % 2 == 0:
         raise ValueError(f"window_size must be a positive odd integer, got {window_size}")

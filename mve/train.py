@@ -23,9 +23,11 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from mve.averaging import WeightAverager
 from mve.checkpoint import load_checkpoint, load_training_state, save_checkpoint, unwrap_model
 from mve.config import OptimConfig, TrainConfig
 from mve.data import DataBundle, Split, TensorLoader
+from mve.data.transforms import normalize
 from mve.metrics import ConfusionMatrix, MeanAccumulator, psnr, ssim
 from mve.models import build_model, get_spec
 
@@ -47,13 +49,32 @@ class _Stepper(Protocol):
 # -- optimiser and schedule ------------------------------------------------------------
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """Weight decay applies to conv/linear weights only, not to norms and biases."""
-    decay, no_decay = [], []
+    """Three parameter groups; frozen parameters are left out.
+
+    - conv/linear weights: ``lr`` and ``weight_decay``;
+    - normalisation parameters (BatchNorm/GroupNorm/LayerNorm): ``bias_lr_scale`` times the lr;
+    - other biases: ``lr``.
+    With ``decay_biases`` the last two decay by the same absolute amount per step as the
+    weights (airbench: ``weight_decay / lr_scale``), else not at all.
+    """
+    norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+    norm_ids = {id(p) for m in model.modules() if isinstance(m, norm_types)
+                for p in m.parameters(recurse=False)}
+    decay, norms, biases = [], [], []
     for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+        if not p.requires_grad:
+            continue
+        if id(p) in norm_ids:
+            norms.append(p)
+        elif p.ndim > 1:
+            decay.append(p)
+        else:
+            biases.append(p)
+    scale = cfg.bias_lr_scale
+    wd = cfg.weight_decay if cfg.decay_biases else 0.0
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
+              {"params": norms, "weight_decay": wd / scale, "lr": cfg.lr * scale},
+              {"params": biases, "weight_decay": wd, "lr": cfg.lr}]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                nesterov=cfg.nesterov and cfg.momentum > 0)
@@ -68,13 +89,16 @@ def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
 
     onecycle: linear warm-up from 0.1x, then cosine to ``final_lr_fraction``; cosine: linear
     warm-up from 0, then cosine; linear: warm-up then linear decay (airbench's triangle).
+    ``warmup_start`` overrides where the warm-up starts.
     """
     if cfg.schedule == "constant" or total <= 1:
         return 1.0
     warm = int(round(cfg.warmup * total))
     final = cfg.final_lr_fraction
     if step < warm:
-        start = 0.1 if cfg.schedule == "onecycle" else 0.0
+        start = cfg.warmup_start
+        if start is None:
+            start = 0.1 if cfg.schedule == "onecycle" else 0.0
         return start + (1.0 - start) * (step + 1) / warm
     t = (step - warm) / max(1, total - 1 - warm)  # 0 -> 1 over the decay phase
     t = min(max(t, 0.0), 1.0)
@@ -129,14 +153,26 @@ def _all_reduce_means(acc: MeanAccumulator, device: torch.device, world_size: in
 def train_one_epoch(model: nn.Module, loader: TensorLoader, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None, step_fn: _Stepper, *,
                     device: torch.device, precision: str = "fp32", grad_clip: float | None = None,
-                    world_size: int = 1, progress: bool = False, desc: str = "train"
-                    ) -> dict[str, float]:
-    """One pass over ``loader``; returns sample-weighted means of the step metrics and images/s."""
+                    world_size: int = 1, progress: bool = False, desc: str = "train",
+                    averager: WeightAverager | None = None, start_step: int = 0,
+                    total_steps: int | None = None) -> dict[str, float]:
+    """One pass over ``loader``; returns sample-weighted means of the step metrics and images/s.
+
+    ``start_step``/``total_steps`` place the epoch in the run: the model's
+    ``set_train_progress(fraction)`` (when it has one, e.g. for KL annealing) is called before
+    every step, and ``averager`` is updated after every optimiser step.
+    """
     model.train()
+    net = unwrap_model(model)
+    progress_hook = getattr(net, "set_train_progress", None)
+    total = total_steps or max(1, start_step + len(loader))
     acc = MeanAccumulator()
     start, seen = time.perf_counter(), 0
+    step = start_step
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch")
     for x, y in bar:
+        if progress_hook is not None:
+            progress_hook(step / total)
         with _autocast(device, precision):
             loss, stats = step_fn(model, x, y)
         if not torch.isfinite(loss):
@@ -146,15 +182,21 @@ def train_one_epoch(model: nn.Module, loader: TensorLoader, optimizer: torch.opt
         if grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
+        step += 1
         if scheduler is not None:
             scheduler.step()
+        if averager is not None:
+            averager.update(net, step)
         acc.update({k: float(v) for k, v in stats.items()}, n=len(y))
         seen += len(y)
         if progress:
             bar.set_postfix(loss=f"{acc.compute()['loss']:.3f}", refresh=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
     out = _all_reduce_means(acc, device, world_size)
     out["images_per_s"] = seen * world_size / max(elapsed, 1e-9)
+    out["time_s"] = elapsed
     out["lr"] = optimizer.param_groups[0]["lr"]
     return out
 
@@ -249,6 +291,8 @@ def fit(cfg: TrainConfig, data: DataBundle, *, device: torch.device | str = "cpu
     """
     device = torch.device(device)
     torch.manual_seed(cfg.seed + rank)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
     spec = get_spec(cfg.model)
     class_names = list(data.class_names)
     if spec.task == "classification" and cfg.model_config.num_classes != len(class_names):
@@ -266,22 +310,37 @@ def fit(cfg: TrainConfig, data: DataBundle, *, device: torch.device | str = "cpu
         state = load_training_state(resume_from)
         if state is not None:
             start_epoch, history = int(state["epoch"]), list(state.get("history", []))
+            if "raw_model" in state:  # EMA runs save the average; training resumes on the raw
+                model.load_state_dict({**model.state_dict(), **state["raw_model"]})
         logger.info("resuming from %s at epoch %d", resume_from, start_epoch)
+    elif hasattr(model, "init_from_data"):
+        model.init_from_data(_init_batch(data.train, prep, device))
+    net = model
     if wrap_model is not None:
         model = wrap_model(model)
+    if cfg.compile:
+        model = torch.compile(model)
     train_loader = make_loader(data.train, cfg, prep, train=True, rank=rank,
                                world_size=world_size, device=device)
     val_loader = (make_loader(data.val, cfg, prep, train=False, device=device)
                   if data.val is not None and len(data.val) else None)
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.epochs * len(train_loader), cfg.optim)
+    steps_per_epoch = len(train_loader)
+    total_steps = cfg.epochs * steps_per_epoch
+    scheduler = build_scheduler(optimizer, total_steps, cfg.optim)
+    averager = (WeightAverager(net, mode=cfg.averaging, decay=cfg.averaging_decay,
+                               every=cfg.averaging_every, total_steps=total_steps)
+                if cfg.averaging != "none" else None)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if averager is not None and "averager" in state:
+            averager.load_state_dict(state["averager"])
     step_fn = (_classifier_step(cfg.label_smoothing) if spec.task == "classification"
                else _vae_step)
     show = progress and rank == 0
     metrics: dict[str, Any] = {}
+    train_time = float(history[-1].get("train_time_s", 0.0)) if history else 0.0
     epochs = range(start_epoch, cfg.epochs)
     for epoch in tqdm(epochs, desc=f"{cfg.model} epochs", disable=not show, unit="epoch",
                       initial=start_epoch, total=cfg.epochs):
@@ -289,11 +348,18 @@ def fit(cfg: TrainConfig, data: DataBundle, *, device: torch.device | str = "cpu
         train_m = train_one_epoch(model, train_loader, optimizer, scheduler, step_fn,
                                   device=device, precision=cfg.precision,
                                   grad_clip=cfg.optim.grad_clip, world_size=world_size,
-                                  progress=show, desc=f"epoch {epoch + 1}/{cfg.epochs}")
-        metrics = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in train_m.items()}}
+                                  progress=show, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                                  averager=averager, start_step=epoch * steps_per_epoch,
+                                  total_steps=total_steps)
+        train_time += train_m["time_s"]
+        metrics = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in train_m.items()},
+                   "train_time_s": train_time}
         if rank == 0 and val_loader is not None:
-            val_m = evaluate(model, val_loader, task=spec.task, device=device,
-                             class_names=class_names, precision=cfg.precision)
+            t0 = time.perf_counter()
+            with _averaged(averager, net):
+                val_m = evaluate(model, val_loader, task=spec.task, device=device,
+                                 class_names=class_names, precision=cfg.precision)
+            metrics["val_time_s"] = time.perf_counter() - t0
             metrics.update({f"val_{k}": v for k, v in val_m.items()
                             if isinstance(v, int | float) and k != "num_samples"})
             metrics["_val_details"] = val_m
@@ -304,21 +370,44 @@ def fit(cfg: TrainConfig, data: DataBundle, *, device: torch.device | str = "cpu
         is_last = epoch + 1 == cfg.epochs
         if rank == 0 and ((epoch + 1) % checkpoint_every == 0 or is_last):
             ckpt_dir = Path(tempfile.mkdtemp(prefix="mve-ckpt-")) / "checkpoint"
-            save_checkpoint(
-                ckpt_dir, model, model_name=cfg.model, model_config=cfg.model_config,
-                preprocessing=prep, class_names=class_names,
-                metrics=_checkpoint_metrics(metrics), provenance=data.provenance,
-                train_config=cfg.to_dict(),
-                training_state={"epoch": epoch + 1, "history": history,
-                                "optimizer": optimizer.state_dict(),
-                                "scheduler": scheduler.state_dict()})
+            training_state = {"epoch": epoch + 1, "history": history,
+                              "optimizer": optimizer.state_dict(),
+                              "scheduler": scheduler.state_dict()}
+            if averager is not None:
+                training_state["averager"] = averager.state_dict()
+                if averager.mode == "ema":
+                    training_state["raw_model"] = {
+                        k: v.detach().clone() for k, v in net.state_dict().items()
+                        if v.is_floating_point()}
+            with _averaged(averager, net):
+                save_checkpoint(
+                    ckpt_dir, net, model_name=cfg.model, model_config=cfg.model_config,
+                    preprocessing=prep, class_names=class_names,
+                    metrics=_checkpoint_metrics(metrics), provenance=data.provenance,
+                    train_config=cfg.to_dict(), training_state=training_state)
         try:
             if report is not None:
                 report(metrics, ckpt_dir)
         finally:
             if ckpt_dir is not None:
                 shutil.rmtree(ckpt_dir.parent, ignore_errors=True)
-    return FitResult(unwrap_model(model), history, metrics)
+    if averager is not None and averager.mode == "ema":
+        with torch.no_grad():  # the returned model carries the averaged weights
+            for k, v in net.state_dict().items():
+                if k in averager.avg:
+                    v.copy_(averager.avg[k])
+    return FitResult(net, history, metrics)
+
+
+def _averaged(averager: WeightAverager | None, net: nn.Module):
+    return averager.averaged(net) if averager is not None else contextlib.nullcontext(net)
+
+
+def _init_batch(split: Split, prep: Mapping[str, Any], device: torch.device,
+                n: int = 5000) -> torch.Tensor:
+    """The first ``n`` training images, normalised: the data for data-dependent init
+    (identical on every rank, so replicas start equal)."""
+    return normalize(split.images[:n].to(device), prep["mean"], prep["std"])
 
 
 def _checkpoint_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
     mve serve --classifier runs/clf --vae runs/vae --port 8000 --metrics-port 8080
     mve predict cat.png dog.jpg --top-k 3 --url http://127.0.0.1:8000
-    mve generate --n 16 --temperature 0.8 --seed 0 --out grid.png
+    mve generate --n 16 --temperature 0.8 --seed 0 --out grid.png          # via a server
+    mve generate --vae models/cifar10-vae --mode variations --image cat.png --out var.png
 
 Also runnable without ``mve/cli.py``: ``python -m serve_app.cli serve --classifier runs/clf``.
 The ``add_*_arguments`` functions use argparse only; ``serve_command`` imports Ray when it
@@ -24,7 +25,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 __all__ = ["add_serve_arguments", "add_predict_arguments", "add_generate_arguments",
-           "serve_command", "predict_command", "generate_command", "main"]
+           "apply_default_models", "serve_command", "predict_command", "generate_command",
+           "generate_local", "main"]
 
 
 def _client_options(p: argparse.ArgumentParser) -> None:
@@ -37,6 +39,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``mve serve``."""
     p.add_argument("--classifier", metavar="DIR", help="classifier checkpoint directory or URI")
     p.add_argument("--vae", metavar="DIR", help="VAE checkpoint directory or URI")
+    p.add_argument("--no-defaults", action="store_true",
+                   help="do not fall back to the shipped models/cifar10-classifier and "
+                        "models/cifar10-vae for a model that is not given")
     p.add_argument("--host", default="127.0.0.1",
                    help="HTTP bind address (default 127.0.0.1; 0.0.0.0 to listen on all)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
@@ -62,11 +67,29 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     _client_options(p)
 
 
+_MODES = ("sample", "variations", "interpolate")
+_DEFAULT_N = {"sample": 16, "variations": 8, "interpolate": 8}
+
+
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``mve generate``."""
-    p.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
+    p.add_argument("--vae", metavar="DIR", help="run this VAE checkpoint locally (no server); "
+                   "'default' means models/cifar10-vae")
+    p.add_argument("--mode", choices=_MODES, default="sample",
+                   help="sample: a grid of prior samples; variations: a grid of decodes around "
+                        "one --image; interpolate: a strip between two --image files")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="input image (PNG/JPEG): one for variations, two for interpolate")
+    p.add_argument("--n", type=int, help="samples / variations / interpolation steps "
+                   "(default 16 / 8 / 8)")
     p.add_argument("--temperature", type=float, default=1.0, help="prior temperature (1.0)")
     p.add_argument("--seed", type=int, help="seed for reproducible samples")
+    p.add_argument("--prior", choices=["standard", "gmm"],
+                   help="--vae only: sample from N(0, I) or the fitted GMM (default: the "
+                        "checkpoint's prior)")
+    p.add_argument("--method", choices=["slerp", "lerp"], default="slerp",
+                   help="interpolation path (default slerp)")
+    p.add_argument("--device", default="cpu", help="--vae only: cpu, cuda, ... (default cpu)")
     p.add_argument("--out", default="grid.png", help="output PNG grid (default grid.png)")
     _client_options(p)
 
@@ -108,10 +131,28 @@ def _save_config(config: dict[str, Any], port: int) -> Path:
     return path
 
 
+def apply_default_models(args: argparse.Namespace) -> argparse.Namespace:
+    """Fills a missing ``--classifier``/``--vae`` with the shipped default checkpoint
+    (``models/cifar10-*``, see :mod:`mve.pretrained`) unless ``--no-defaults``."""
+    if getattr(args, "no_defaults", False):
+        return args
+    from mve.pretrained import default_classifier, default_vae
+
+    for kind, find in (("classifier", default_classifier), ("vae", default_vae)):
+        if not getattr(args, kind, None):
+            found = find()
+            if found is not None:
+                setattr(args, kind, str(found))
+                print(f"mve serve: {kind}: the shipped default {found}", file=sys.stderr)
+    return args
+
+
 def serve_command(args: argparse.Namespace) -> int:
     """Runs the app on an embedded local Ray (or ``--address``) until SIGINT/SIGTERM."""
+    apply_default_models(args)
     if not args.classifier and not args.vae:
-        raise _user_error("give --classifier DIR and/or --vae DIR")
+        raise _user_error("give --classifier DIR and/or --vae DIR (no shipped default "
+                          "checkpoints in models/cifar10-classifier or models/cifar10-vae)")
     from serve_app.deploy import APP_NAME, app_config, deploy, load_config
 
     key_file = str(Path(args.api_key_file).expanduser().resolve()) if args.api_key_file else None
@@ -213,20 +254,99 @@ def predict_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_inputs(args: argparse.Namespace) -> tuple[str, int, list[bytes]]:
+    mode = getattr(args, "mode", None) or "sample"
+    n = args.n if args.n is not None else _DEFAULT_N[mode]
+    images = list(getattr(args, "image", None) or [])
+    need = {"sample": 0, "variations": 1, "interpolate": 2}[mode]
+    if len(images) != need:
+        raise _user_error(f"--mode {mode} needs {need} --image file(s), got {len(images)}")
+    if n < (2 if mode == "interpolate" else 1):
+        raise _user_error(f"--n must be >= {2 if mode == 'interpolate' else 1}, got {n}")
+    if args.temperature < 0:
+        raise _user_error(f"--temperature must be >= 0, got {args.temperature}")
+    blobs = []
+    for name in images:
+        try:
+            blobs.append(Path(name).read_bytes())
+        except OSError as exc:
+            raise _user_error(f"cannot read {name}: {exc}") from None
+    return mode, n, blobs
+
+
+def generate_local(vae: str, mode: str, n: int, blobs: list[bytes], *, temperature: float = 1.0,
+                   seed: int | None = None, prior: str | None = None, method: str = "slerp",
+                   device: str = "cpu") -> bytes:
+    """PNG bytes of a sample/variations grid or an interpolation strip from a local VAE."""
+    import math
+
+    from mve.checkpoint import load_checkpoint
+    from serve_app.errors import ApiError
+    from serve_app.images import decode_image, encode_png, make_grid, preprocess, to_uint8_hwc
+    from serve_app.schemas import Limits
+
+    if vae == "default":
+        from mve.pretrained import default_vae, missing_message
+
+        found = default_vae()
+        if found is None:
+            raise _user_error(missing_message("vae"))
+        vae = str(found)
+    ckpt = load_checkpoint(vae, device=device)
+    if not hasattr(ckpt.model, "variations"):
+        raise _user_error(f"{vae} is a {ckpt.model_name} checkpoint, not a VAE")
+    model, prep = ckpt.model, ckpt.preprocessing
+    try:
+        arrays = [decode_image(b, Limits(), index=i) for i, b in enumerate(blobs)]
+    except ApiError as exc:
+        raise _user_error(exc.message) from None
+    x = preprocess(arrays, prep).to(device) if arrays else None
+    try:
+        if mode == "sample":
+            y = model.sample(n, temperature=temperature, seed=seed, prior=prior)
+            nrow = math.ceil(math.sqrt(n))
+        elif mode == "variations":
+            y = model.variations(x[0], n, temperature=temperature, seed=seed)
+            nrow = math.ceil(math.sqrt(n))
+        else:
+            y = model.interpolate(x[0], x[1], n, method=method)
+            nrow = n
+    except ValueError as exc:  # e.g. --prior gmm on a checkpoint without a fitted prior
+        raise _user_error(str(exc)) from None
+    return encode_png(make_grid(to_uint8_hwc(y, prep), nrow=nrow))
+
+
 def generate_command(args: argparse.Namespace) -> int:
-    """Writes a PNG grid of VAE samples."""
+    """Writes a PNG grid of VAE samples or variations, or an interpolation strip."""
     from serve_app.client import ClientError
 
-    try:
-        png = _client(args).sample(n=args.n, temperature=args.temperature, seed=args.seed)
-    except ClientError as exc:
-        raise _user_error(str(exc)) from None
+    mode, n, blobs = _generate_inputs(args)
+    if getattr(args, "vae", None):
+        png = generate_local(args.vae, mode, n, blobs, temperature=args.temperature,
+                             seed=args.seed, prior=args.prior, method=args.method,
+                             device=args.device)
+    else:
+        if getattr(args, "prior", None):
+            raise _user_error("--prior needs --vae (the server samples from its checkpoint's "
+                              "prior)")
+        client = _client(args)
+        try:
+            if mode == "sample":
+                png = client.sample(n=n, temperature=args.temperature, seed=args.seed)
+            elif mode == "variations":
+                png = client.variations(blobs[0], n=n, temperature=args.temperature,
+                                        seed=args.seed)
+            else:
+                png = client.interpolate(blobs[0], blobs[1], steps=n)
+        except ClientError as exc:
+            raise _user_error(str(exc)) from None
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_bytes(png)
     os.replace(tmp, out)
-    print(f"wrote {out} ({args.n} samples)")
+    what = {"sample": "samples", "variations": "variations", "interpolate": "steps"}[mode]
+    print(f"wrote {out} ({n} {what})")
     return 0
 
 

@@ -1,4 +1,10 @@
-"""The geometric CNN classifier from the research note, plus options for the tuner.
+"""The CIFAR classifier family: the research note's geometric CNN and a fast conv-group net.
+
+``arch="geometric"`` is the note's network (below); ``arch="convgroups"`` is an airbench-style
+network (Jordan 2024, after Page 2018 and hlb-CIFAR10): a frozen 2x2 patch-whitening first
+layer initialised from the training data, three groups of conv-pool-BN-GELU with identity
+(dirac) init, BatchNorm with frozen unit weights, and a scaled linear head. Test-time
+augmentation (``tta``) averages logits over mirrored and translated views in eval mode.
 
 The plan is derived from four numbers: channels grow geometrically from
 ``starting_channels`` to ``final_channels`` over ``cnn_layers`` stages, spatial sizes
@@ -24,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 Activation = Literal["mish", "relu", "gelu", "silu"]
 Pooling = Literal["fractional", "max", "avg"]
+Arch = Literal["geometric", "convgroups"]
+TTA = Literal["none", "flip", "flip_translate"]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "mish": nn.Mish,
@@ -51,8 +59,37 @@ class ClassifierConfig:
     activation: Activation = "mish"
     dropout: float = 0.0  # before each hidden linear layer of the head
     final_size: int = 2  # spatial size after the last stage
+    # Architecture family and the conv-group ("convgroups") net's options.
+    arch: Arch = "geometric"
+    widths: tuple[int, ...] = (64, 176, 176)  # convgroups: output channels of each group
+    convs_per_group: int = 2  # convgroups: 2, or 3 = a residual over the last two convs
+    whiten_kernel: int = 2  # convgroups: patch-whitening kernel size; 0 disables the layer
+    whiten_eps: float = 5e-4  # added to the patch-covariance eigenvalues
+    dirac_init: bool = True  # convgroups: identity init of the first c_in filters of each conv
+    bn_momentum: float = 0.4  # convgroups: PyTorch BatchNorm momentum
+    freeze_bn_weight: bool = True  # convgroups: BatchNorm scale fixed at 1 (bias still learned)
+    logit_scale: float = 1 / 9  # convgroups: multiplies the logits
+    tta: TTA = "none"  # eval-mode test-time augmentation, both architectures
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "widths", tuple(int(c) for c in self.widths))
+        if self.arch == "convgroups":
+            if not self.widths or any(w < 1 for w in self.widths):
+                raise ValueError(f"widths must be positive ints, got {self.widths}")
+            if self.convs_per_group not in (2, 3):
+                raise ValueError(f"convs_per_group must be 2 or 3, got {self.convs_per_group}")
+            if self.whiten_kernel not in (0, 2, 3):
+                raise ValueError(f"whiten_kernel must be 0, 2 or 3, got {self.whiten_kernel}")
+            size = self.input_size - (self.whiten_kernel - 1 if self.whiten_kernel else 0)
+            for _ in self.widths:
+                size //= 2
+            if size < 1:
+                raise ValueError(f"input_size={self.input_size} is too small for "
+                                 f"{len(self.widths)} conv groups")
+            if not 0 < self.bn_momentum <= 1:
+                raise ValueError(f"bn_momentum must be in (0, 1], got {self.bn_momentum}")
+            if self.logit_scale <= 0:
+                raise ValueError(f"logit_scale must be > 0, got {self.logit_scale}")
         if self.channels is not None:
             object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
             if len(self.channels) != self.cnn_layers:
@@ -182,11 +219,15 @@ class Encoder(nn.Module):
 
 
 class Classifier(nn.Module):
-    """Geometric CNN + narrowing FCN head. ``forward`` returns logits [B, num_classes]."""
+    """``forward`` returns logits [B, num_classes] (averaged over TTA views in eval mode)."""
 
     def __init__(self, config: ClassifierConfig):
         super().__init__()
         self.config = config
+        if config.arch == "convgroups":
+            self.plan = None
+            self.body = ConvGroupNet(config)
+            return
         self.plan = config.plan()
         for line in self.plan.log_lines():
             logger.info(line)
@@ -202,9 +243,41 @@ class Classifier(nn.Module):
                 head.append(act())
         self.head = nn.Sequential(*head)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """One view, no test-time augmentation."""
+        if self.config.arch == "convgroups":
+            return self.body(x)
         # (B, C, H, W) -> (B, C_last, 2, 2) -> (B, num_classes)
         return self.head(self.encoder(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or self.config.tta == "none":
+            return self.logits(x)
+        return tta_logits(self.logits, x, self.config.tta)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features [B, D] (the head's input; one view), e.g. for FID-style metrics."""
+        if self.config.arch == "convgroups":
+            return self.body.embed(x)
+        return self.head[:-1](self.encoder(x))
+
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The activations after each stage/group, highest resolution first (perceptual losses)."""
+        if self.config.arch == "convgroups":
+            return self.body.feature_maps(x)
+        feats = []
+        for layer in self.encoder.layers:
+            x = layer(x)
+            if isinstance(layer, ResidualStage | FractionalMaxPool2d | nn.AdaptiveMaxPool2d
+                          | nn.AdaptiveAvgPool2d):
+                feats.append(x)
+        return feats
+
+    @torch.no_grad()
+    def init_from_data(self, images: torch.Tensor) -> None:
+        """Data-dependent initialisation (the whitening layer) from normalised training images."""
+        if self.config.arch == "convgroups":
+            self.body.init_whitening(images)
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
@@ -212,8 +285,133 @@ class Classifier(nn.Module):
         return self.forward(x).softmax(dim=-1)
 
 
+def tta_logits(fn, x: torch.Tensor, mode: str) -> torch.Tensor:
+    """airbench's TTA: the mean of the logits of ``x`` and its mirror; ``flip_translate`` also
+    averages (weight 1/2) the mirrored pairs of two 1-pixel translations (reflect padding)."""
+    def mirrored(v: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (fn(v) + fn(v.flip(-1)))
+
+    out = mirrored(x)
+    if mode == "flip":
+        return out
+    h, w = x.shape[-2:]
+    padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = [padded[..., 0:h, 0:w], padded[..., 2:h + 2, 2:w + 2]]
+    return 0.5 * out + 0.25 * (mirrored(shifted[0]) + mirrored(shifted[1]))
+
+
+class DiracConv2d(nn.Conv2d):
+    """3x3 conv without bias; optionally identity-initialised on its first ``c_in`` filters."""
+
+    def __init__(self, c_in: int, c_out: int, dirac: bool):
+        self._dirac = dirac
+        super().__init__(c_in, c_out, 3, padding=1, bias=False)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self._dirac:
+            w = self.weight.data
+            nn.init.dirac_(w[:min(w.size(0), w.size(1))])
+
+
+def _bn(c: int, cfg: ClassifierConfig) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(c, momentum=cfg.bn_momentum, eps=1e-12)
+    if cfg.freeze_bn_weight:
+        bn.weight.requires_grad_(False)
+    return bn
+
+
+class ConvGroup(nn.Module):
+    """conv -> maxpool 2 -> BN -> act -> conv -> BN -> act [-> conv -> BN -> act, + residual]."""
+
+    def __init__(self, c_in: int, c_out: int, cfg: ClassifierConfig):
+        super().__init__()
+        act = _ACTIVATIONS[cfg.activation]
+        self.conv1, self.pool, self.norm1 = DiracConv2d(c_in, c_out, cfg.dirac_init), \
+            nn.MaxPool2d(2), _bn(c_out, cfg)
+        self.conv2, self.norm2 = DiracConv2d(c_out, c_out, cfg.dirac_init), _bn(c_out, cfg)
+        self.residual = cfg.convs_per_group == 3
+        if self.residual:
+            self.conv3, self.norm3 = DiracConv2d(c_out, c_out, cfg.dirac_init), _bn(c_out, cfg)
+        self.act = act()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.norm1(self.pool(self.conv1(x))))
+        y = self.act(self.norm2(self.conv2(x)))
+        if self.residual:
+            y = self.act(self.norm3(self.conv3(y))) + x
+        return y
+
+
+class ConvGroupNet(nn.Module):
+    """[whitening conv -> act] -> conv groups -> global max pool -> linear * logit_scale."""
+
+    def __init__(self, cfg: ClassifierConfig):
+        super().__init__()
+        self.cfg = cfg
+        act = _ACTIVATIONS[cfg.activation]
+        c = cfg.in_channels
+        k = cfg.whiten_kernel
+        if k:
+            width = 2 * c * k * k
+            self.whiten = nn.Conv2d(c, width, k, padding=0, bias=True)
+            self.whiten.weight.requires_grad_(False)  # set from the data, then frozen
+            nn.init.zeros_(self.whiten.bias)
+            self.whiten_act = act()
+            c = width
+        else:
+            self.whiten = None
+        groups = []
+        for w in cfg.widths:
+            groups.append(ConvGroup(c, w, cfg))
+            c = w
+        self.groups = nn.ModuleList(groups)
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.head = nn.Linear(c, cfg.num_classes, bias=False)
+
+    @torch.no_grad()
+    def init_whitening(self, images: torch.Tensor) -> None:
+        """Sets the whitening filters to the patch covariance's eigenvectors scaled by
+        ``1/sqrt(eigenvalue + eps)``, concatenated with their negations (airbench)."""
+        if self.whiten is None:
+            return
+        w = self.whiten.weight
+        k = w.shape[-1]
+        x = images.to(device=w.device, dtype=torch.float64)
+        c = x.shape[1]
+        patches = x.unfold(2, k, 1).unfold(3, k, 1).transpose(1, 3).reshape(-1, c, k, k)
+        flat = patches.reshape(len(patches), -1)
+        cov = flat.T @ flat / len(flat)
+        eigval, eigvec = torch.linalg.eigh(cov)
+        eigval, eigvec = eigval.flip(0), eigvec.T.flip(0).reshape(-1, c, k, k)
+        scaled = eigvec / torch.sqrt(eigval.clamp_min(0) + self.cfg.whiten_eps).view(-1, 1, 1, 1)
+        w.copy_(torch.cat([scaled, -scaled]).to(w.dtype))
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.whiten_act(self.whiten(x)) if self.whiten is not None else x
+
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x, feats = self._stem(x), []
+        for g in self.groups:
+            x = g(x)
+            feats.append(x)
+        return feats
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._stem(x)
+        for g in self.groups:
+            x = g(x)
+        return self.pool(x).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x)) * self.cfg.logit_scale
+
+
 # Presets are architecture overrides; the training recipe lives in mve.config presets.
 PRESETS: dict[str, dict] = {
     "seed": dict(starting_channels=46, final_channels=210, cnn_layers=6, fcn_layers=4,
                  input_size=32, in_channels=3, num_classes=10),
+    # airbench94's net shrunk under 1M parameters (widths 64/256/256 -> 64/176/176): 991,672.
+    "convgroups": dict(arch="convgroups", widths=(64, 176, 176), convs_per_group=2,
+                       whiten_kernel=2, activation="gelu", tta="flip_translate"),
 }

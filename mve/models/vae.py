@@ -7,6 +7,7 @@ over the batch); ``elbo_bpd`` converts the beta=1 negative ELBO to bits per dime
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterator
@@ -18,19 +19,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mve.prior import GaussianMixture
+
 logger = logging.getLogger(__name__)
 
 LOGVAR_RANGE = (-30.0, 20.0)  # clamp of the posterior log-variance, as LDM
 LOG_SCALE_RANGE = (-7.0, 2.0)  # clamp of the decoder's learned per-channel log std
 MSE_SIGMA = 0.1  # fixed decoder std (model space) of the "mse" likelihood
+L1_SCALE = 0.1  # fixed Laplace scale (model space) of the "l1" likelihood
 _HALF_BIN = 1.0 / 255.0  # half of the 2/255 bin width
-_LIKELIHOODS = ("discretized_gaussian", "mse")
+_LIKELIHOODS = ("discretized_gaussian", "mse", "l1")
+_PRIORS = ("standard", "gmm")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ~2.7M params at 32x32 (channels 32/64/128, latent 8x8x8); ~0.85 s fwd+bwd, batch 64, 2 CPUs.
     "default": {"base_channels": 32, "channel_mult": None, "groups": 16, "latent_channels": 8,
                 "downsample_factor": 4, "attention": True, "likelihood": "discretized_gaussian"},
     "tiny": {"base_channels": 16, "groups": 8, "latent_channels": 4, "attention": False},
+    # Autoencoder-like objective (as SD's KL-f4): latent 8x8x4, MSE pixel loss, a small KL weight
+    # warmed up over the first 10% of training; ~2.1M params (8.5 MB fp32). A GMM prior fitted
+    # after training (`mve vae fit-prior`) adds ~1.3 MB for 10 components.
+    "sd": {"base_channels": 48, "channel_mult": (1, 2, 2), "groups": 16, "latent_channels": 4,
+           "downsample_factor": 4, "attention": True, "likelihood": "mse", "beta": 0.01,
+           "kl_anneal": 0.1, "free_bits": 0.0},
 }
 
 
@@ -57,8 +68,15 @@ class VAEConfig:
     attention: bool = True  # single-head self-attention in the mid blocks
     dropout: float = 0.0
     groups: int = 16  # GroupNorm groups; must divide every channel count
-    likelihood: str = "discretized_gaussian"
-    beta: float = 1.0
+    likelihood: str = "discretized_gaussian"  # training pixel loss: also "mse" or "l1"
+    beta: float = 1.0  # KL weight relative to the pixel loss (the reported ELBO always uses 1)
+    kl_anneal: float = 0.0  # fraction of training over which the KL weight ramps from 0 to beta
+    free_bits: float = 0.0  # nats per latent element: per-channel KL below this is not penalised
+    perceptual_weight: float = 0.0  # weight of the classifier-feature loss (0: off)
+    perceptual_classifier: str | None = None  # mve classifier checkpoint for perceptual features
+    perceptual_layers: int = 3  # first N classifier stages whose activations are compared
+    prior: str = "standard"  # what sample() draws from: "standard" N(0, I) or a fitted "gmm"
+    prior_components: int = 0  # GMM components whose buffers the model carries (0: none)
 
     def __post_init__(self) -> None:
         for name in ("in_channels", "input_size", "latent_channels", "downsample_factor",
@@ -89,6 +107,20 @@ class VAEConfig:
         beta = self.beta
         ok = isinstance(beta, int | float) and not isinstance(beta, bool) and math.isfinite(beta)
         _require(ok and beta >= 0, f"beta must be a finite number >= 0, got {beta!r}")
+        for name in ("kl_anneal", "free_bits", "perceptual_weight"):
+            v = getattr(self, name)
+            ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            _require(ok and v >= 0, f"{name} must be a finite number >= 0, got {v!r}")
+        _require(self.kl_anneal <= 1, f"kl_anneal is a fraction of training, got {self.kl_anneal}")
+        _require(self.perceptual_weight == 0 or bool(self.perceptual_classifier),
+                 "perceptual_weight > 0 needs perceptual_classifier (a classifier checkpoint)")
+        _require(_is_int(self.perceptual_layers) and self.perceptual_layers >= 1,
+                 f"perceptual_layers must be a positive int, got {self.perceptual_layers!r}")
+        _require(self.prior in _PRIORS, f"prior must be one of {_PRIORS}, got {self.prior!r}")
+        k = self.prior_components
+        _require(_is_int(k) and k >= 0, f"prior_components must be an int >= 0, got {k!r}")
+        _require(self.prior != "gmm" or k >= 1,
+                 "prior='gmm' needs prior_components >= 1 (fit one with `mve vae fit-prior`)")
 
     @property
     def num_levels(self) -> int:
@@ -106,6 +138,12 @@ class VAEConfig:
         """``(latent_channels, h, w)`` of the spatial latent."""
         s = self.input_size // self.downsample_factor
         return (self.latent_channels, s, s)
+
+    @property
+    def latent_dim(self) -> int:
+        """Number of values in one latent, ``L * h * w``."""
+        c, h, w = self.latent_shape
+        return c * h * w
 
 
 class VAEOutput(NamedTuple):
@@ -286,11 +324,63 @@ class VAE(nn.Module):
         self.decoder = Decoder(config)
         # Learned per-channel log std (model space) of the decoder's discretised Gaussian.
         self.log_scale = nn.Parameter(torch.full((config.in_channels,), math.log(0.1)))
+        # Second-stage prior over the flattened latent (buffers only; see mve.prior).
+        self.latent_prior: GaussianMixture | None = (
+            GaussianMixture(config.prior_components, config.latent_dim)
+            if config.prior_components else None)
+        self._progress = 1.0  # fraction of training done; set by the trainer for KL annealing
         n_params = sum(p.numel() for p in self.parameters())
         logger.info("VAE plan: %d levels, channels %s, latent %s (f=%d), attention=%s, "
                     "likelihood=%s, %.2fM params", config.num_levels, list(config.channels),
                     config.latent_shape, config.downsample_factor, config.attention,
                     config.likelihood, n_params / 1e6)
+
+    # -- training objective levers ---------------------------------------------------------
+
+    def set_train_progress(self, fraction: float) -> None:
+        """Called by the trainer before every step with ``global step / total steps``."""
+        self._progress = min(max(float(fraction), 0.0), 1.0)
+
+    @property
+    def kl_weight(self) -> float:
+        """The KL weight of the training loss now: ``beta``, ramped up over ``kl_anneal``."""
+        cfg = self.config
+        if cfg.kl_anneal <= 0:
+            return cfg.beta
+        return cfg.beta * min(1.0, self._progress / cfg.kl_anneal)
+
+    def _perceptual_net(self, device: torch.device) -> _FeatureTaps:
+        """The frozen classifier, loaded once; kept out of ``state_dict`` and ``parameters``."""
+        taps = self.__dict__.get("_perceptual")
+        if taps is None:
+            from mve.checkpoint import load_checkpoint  # mve.checkpoint imports mve.models
+
+            ckpt = load_checkpoint(self.config.perceptual_classifier, device=device)
+            taps = _FeatureTaps(ckpt.model, ckpt.preprocessing, self.config.perceptual_layers)
+            self.__dict__["_perceptual"] = taps
+        return taps.to(device)
+
+    def perceptual_distance(self, x: Tensor, recon: Tensor) -> Tensor:
+        """LPIPS-like distance [B] on the frozen classifier's first stages (no learned weights):
+        channel-normalised activations, squared differences summed over channels, averaged over
+        positions, summed over stages."""
+        taps = self._perceptual_net(x.device)
+        with torch.no_grad():
+            fx = taps(x)
+        return sum(((a - b).pow(2).sum(1).mean((1, 2)) for a, b in zip(fx, taps(recon),
+                                                                        strict=True)),
+                   start=x.new_zeros(len(x)))
+
+    # -- latent prior -----------------------------------------------------------------------
+
+    def set_latent_prior(self, weights: Tensor, means: Tensor, chol: Tensor) -> None:
+        """Installs a fitted GMM (weights [K], means [K, D], Cholesky [K, D, D]) and switches
+        ``config`` to ``prior="gmm", prior_components=K``."""
+        k = int(means.shape[0])
+        if self.latent_prior is None or self.latent_prior.components != k:
+            self.latent_prior = GaussianMixture(k, self.config.latent_dim).to(self.log_scale.device)
+        self.latent_prior.set(weights, means, chol)
+        self.config = dataclasses.replace(self.config, prior="gmm", prior_components=k)
 
     def _check_input(self, x: Tensor) -> None:
         f = self.config.downsample_factor
@@ -322,10 +412,24 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, *, temperature: float = 1.0, seed: int | None = None,
-               device: torch.device | str | None = None) -> Tensor:
-        """Decode ``n`` prior draws ``z ~ N(0, T^2 I)`` -> [n, C, H, W] (eval mode, seedable)."""
+               device: torch.device | str | None = None, prior: str | None = None) -> Tensor:
+        """Decode ``n`` prior draws -> [n, C, H, W] (eval mode, seedable).
+
+        ``prior`` (default ``config.prior``): ``"standard"`` draws ``z ~ N(0, T^2 I)``; ``"gmm"``
+        draws from the fitted mixture with each component's spread scaled by ``T``.
+        """
         _check_draws(n, temperature)
-        z = temperature * _randn((n, *self.config.latent_shape), seed)
+        prior = prior or self.config.prior
+        if prior not in _PRIORS:
+            raise ValueError(f"prior must be one of {_PRIORS}, got {prior!r}")
+        if prior == "gmm":
+            if self.latent_prior is None or not self.latent_prior.is_fitted:
+                raise ValueError("this VAE has no fitted GMM prior; fit one with "
+                                 "`mve vae fit-prior CHECKPOINT --data PATH`")
+            z = self.latent_prior.sample(n, temperature=temperature, seed=seed)
+            z = z.view(n, *self.config.latent_shape)
+        else:
+            z = temperature * _randn((n, *self.config.latent_shape), seed)
         z = z.to(device=device or self.log_scale.device, dtype=self.log_scale.dtype)
         with _eval_mode(self):
             return self.decode(z)
@@ -390,24 +494,75 @@ class VAE(nn.Module):
         """
         if out is None:
             out = self(x)
-        mse_mode = self.config.likelihood == "mse"
+        cfg = self.config
+        fixed = cfg.likelihood != "discretized_gaussian"
         log_scale = self.log_scale.clamp(*LOG_SCALE_RANGE).view(1, -1, 1, 1)
         x, recon_mean = x.float(), out.recon.float()  # likelihood math in fp32 under autocast
-        mean = recon_mean.detach() if mse_mode else recon_mean
+        mean = recon_mean.detach() if fixed else recon_mean
         nll = -discretized_gaussian_log_likelihood(x, mean, log_scale).flatten(1).sum(1)  # [B]
-        kl = kl_standard_normal(out.mu.float(), out.logvar.float())  # [B]
-        if mse_mode:
-            sse = (x - recon_mean).pow(2).flatten(1).sum(1)
-            recon = sse / (2 * MSE_SIGMA**2) + (nll - nll.detach())  # 2nd term: value 0, fits scale
+        mu, logvar = out.mu.float(), out.logvar.float()
+        kl_el = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)  # [B, L, h, w]
+        kl = kl_el.flatten(1).sum(1)  # [B]
+        fit_scale = nll - nll.detach()  # value 0; fits log_scale by ML so elbo_bpd stays a bound
+        if cfg.likelihood == "mse":
+            recon = (x - recon_mean).pow(2).flatten(1).sum(1) / (2 * MSE_SIGMA**2) + fit_scale
+        elif cfg.likelihood == "l1":
+            recon = (x - recon_mean).abs().flatten(1).sum(1) / L1_SCALE + fit_scale
         else:
             recon = nll
-        total = (recon + self.config.beta * kl).mean()
         dims = x[0].numel()
+        terms: dict[str, Tensor] = {}
+        if cfg.perceptual_weight > 0 and self.training and torch.is_grad_enabled():
+            # Counted like a per-pixel squared error of the "mse" likelihood.
+            p = self.perceptual_distance(x, out.recon)
+            recon = recon + cfg.perceptual_weight * dims * p.float() / (2 * MSE_SIGMA**2)
+            terms["perceptual"] = p.detach().mean()
+        if cfg.free_bits > 0:  # per latent channel, averaged over batch and positions
+            per_channel = kl_el.mean(dim=(0, 2, 3)).clamp(min=cfg.free_bits)
+            kl_term = per_channel.sum() * (kl_el[0, 0].numel())
+        else:
+            kl_term = kl.mean()
+        kl_w = self.kl_weight
+        total = recon.mean() + kl_w * kl_term
         pix_err = (recon_mean.detach().clamp(-1.0, 1.0) - x) / 2.0  # [0, 1] pixel units
+        if self.training:
+            terms["kl_weight"] = torch.tensor(kl_w)
         return {
             "loss": total,
             "recon_nll": recon.detach().mean(),
             "kl": kl.detach().mean(),
             "elbo_bpd": (nll + kl).detach().mean() / (dims * math.log(2.0)),
             "mse": pix_err.pow(2).mean(),
+            **terms,
         }
+
+
+class _FeatureTaps(nn.Module):
+    """Activations of the first ``n`` stages of a frozen mve classifier, for a perceptual loss.
+
+    Input: images in VAE model space ``[-1, 1]``; they are mapped to the classifier's own
+    normalisation. A stage ends at each activation module (plain stacks) or residual stage.
+    """
+
+    def __init__(self, classifier: nn.Module, preprocessing: dict[str, Any], n: int) -> None:
+        super().__init__()
+        classifier.eval().requires_grad_(False)
+        self.layers = list(classifier.encoder.layers.children())
+        acts = (nn.Mish, nn.ReLU, nn.GELU, nn.SiLU)
+        ends = [i for i, m in enumerate(self.layers)
+                if isinstance(m, acts) or type(m).__name__ == "ResidualStage"]
+        if not ends:
+            raise ValueError("perceptual_classifier has no activation stages to tap")
+        self.ends = ends[:n]
+        self.net = classifier
+        self.register_buffer("mean", torch.tensor(preprocessing["mean"]).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(preprocessing["std"]).view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        h = ((x + 1.0) / 2.0 - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        feats = []
+        for i, layer in enumerate(self.layers[: self.ends[-1] + 1]):
+            h = layer(h)
+            if i in self.ends:
+                feats.append(h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
+        return feats

@@ -98,6 +98,17 @@ def test_predict_and_generate_commands(served: Served) -> None:
          "--out", str(grid))
     with Image.open(grid) as im:
         assert im.format == "PNG" and im.size == (2 + 2 * 34, 2 + 2 * 34)
+    _cli("generate", "--mode", "variations", "--image", str(a), "--n", "3", "--seed", "2",
+         "--url", served.url, "--out", str(grid))
+    with Image.open(grid) as im:
+        assert im.size == (2 + 2 * 34, 2 + 2 * 34)  # 3 variations on a 2x2 grid
+    _cli("generate", "--mode", "interpolate", "--image", str(a), "--image", str(b), "--n", "5",
+         "--url", served.url, "--out", str(grid))
+    with Image.open(grid) as im:
+        assert im.size == (2 + 5 * 34, 2 + 34)  # a strip of 5
+    one = _cli("generate", "--mode", "variations", "--url", served.url, "--out", str(grid),
+               check=False)
+    assert one.returncode == 2 and "needs 1 --image" in one.stderr
     bad = _cli("predict", str(served.tmp / "nope.png"), "--url", served.url, check=False)
     assert bad.returncode == 2 and "cannot read" in bad.stderr
     down = _cli("predict", str(a), "--url", "http://127.0.0.1:9", check=False)

@@ -260,3 +260,13 @@ def test_mean_accumulator() -> None:
     assert acc.compute()["loss"] == pytest.approx(13.0 / 8)
     acc.reset()
     assert acc.compute() == {}
+
+
+def test_ssim_is_computed_in_fp32_under_bf16_autocast():
+    # bf16 convolutions would make the local variances garbage (seen as SSIM = inf)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 32, 32, generator=g)
+    y = (x + 0.05 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = ssim(x, y)
+    assert torch.allclose(under, ssim(x, y)) and torch.isfinite(under).all()

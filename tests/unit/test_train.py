@@ -51,9 +51,12 @@ def test_constant_schedule():
 def test_weight_decay_skips_norms_and_biases():
     model = build_model("classifier", {"final_channels": 32, "cnn_layers": 3, "fcn_layers": 2})
     opt = build_optimizer(model, OptimConfig(name="sgd", weight_decay=0.1))
-    decay, no_decay = opt.param_groups
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    decay, norms, biases = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and norms["weight_decay"] == biases["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"])
+    assert all(p.ndim == 1 for p in norms["params"] + biases["params"])
+    bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert {id(p) for p in norms["params"]} == {id(p) for m in bn for p in m.parameters()}
     assert isinstance(build_optimizer(model, OptimConfig(name="adamw")), torch.optim.AdamW)
 
 

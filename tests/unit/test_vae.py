@@ -154,7 +154,8 @@ def test_loss_terms(model):
     model.train()
     out = model(x)
     terms = model.loss(x, out)
-    assert set(terms) == {"loss", "recon_nll", "kl", "elbo_bpd", "mse"}
+    assert set(terms) == {"loss", "recon_nll", "kl", "elbo_bpd", "mse", "kl_weight"}
+    assert terms.pop("kl_weight") == 1.0
     assert all(torch.isfinite(v) and v.ndim == 0 for v in terms.values())
     assert terms["kl"] >= 0
     dims = x[0].numel()
