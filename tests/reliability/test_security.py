@@ -203,7 +203,9 @@ def test_readme_runs_ray_with_token_auth() -> None:
 # -- (d) dependency versions -------------------------------------------------------------------
 
 def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+    """Major, minor, patch with missing parts as 0 (so "2.10" == "2.10.0")."""
+    parts = [int(x) for x in re.findall(r"\d+", text)[:3]]
+    return tuple(parts + [0] * (3 - len(parts)))
 
 
 # package: (minimum version, why)
