@@ -100,6 +100,9 @@ def render_serve_config(source: str | Path = SERVE_CONFIG_SOURCE, *,
         cfg = yaml.safe_load(f)
     if not isinstance(cfg, dict) or not isinstance(cfg.get("applications"), list):
         raise K8sError(f"{source}: not a Serve config (no `applications:` list)")
+    # Resolve the source's YAML anchors into plain copies (no aliases in the output) and drop
+    # the `x-*` keys that only hold them.
+    cfg = {k: v for k, v in json.loads(json.dumps(cfg)).items() if not k.startswith("x-")}
     models = _model_deployments()
     for app in cfg["applications"]:
         args = app.get("args") or {}
@@ -140,42 +143,42 @@ def write_serve_config(out: str | Path = SERVE_CONFIG_OUT, *, source: str | Path
 
 def promote_serve_config(text: str, checkpoint: str, *, model: str | None = None,
                          app: str | None = None) -> tuple[str, list[str]]:
-    """``text`` with ``user_config.checkpoint`` of ``model``'s deployment set to ``checkpoint``.
+    """``text`` with ``user_config.checkpoint`` of ``model``'s deployments set to ``checkpoint``.
 
-    ``model`` may be omitted when the application serves exactly one model; ``app`` when the
-    config has one application. Returns the new YAML and the deployments changed. Only
-    ``user_config`` changes (a lightweight, in-place Serve update); the app ``args`` are left
-    alone, since changing them would restart every replica.
+    Every application that serves ``model`` changes together (mve deploys each model as its
+    ``/v1`` and its Open Inference Protocol application), unless ``app`` names one. ``model``
+    may be omitted when the config serves exactly one model. Returns the new YAML and the
+    ``app/deployment`` names changed. Only ``user_config`` changes (a lightweight, in-place
+    Serve update); the app ``args`` are left alone, since changing them restarts replicas.
     """
     cfg = yaml.safe_load(text) if text and text.strip() else None
     if not isinstance(cfg, dict) or not cfg.get("applications"):
         raise K8sError("the RayService has no serveConfigV2 applications")
     apps = cfg["applications"]
-    if app is None:
-        if len(apps) != 1:
-            raise K8sError(f"the serveConfigV2 has {len(apps)} applications; pass --app")
-        target = apps[0]
-    else:
-        target = next((a for a in apps if a.get("name") == app), None)
-        if target is None:
-            raise K8sError(f"no application {app!r} in serveConfigV2 "
-                           f"(have {', '.join(str(a.get('name')) for a in apps)})")
+    if app is not None and not any(a.get("name") == app for a in apps):
+        raise K8sError(f"no application {app!r} in serveConfigV2 "
+                       f"(have {', '.join(str(a.get('name')) for a in apps)})")
     models = _model_deployments()
-    present = {m: d for m, d in models.items()
-               if any(dep.get("name") == d for dep in target.get("deployments") or [])}
+    serving: dict[str, list[tuple[dict, dict]]] = {}
+    for a in apps:
+        if app is not None and a.get("name") != app:
+            continue
+        for dep in a.get("deployments") or []:
+            kind = next((m for m, d in models.items() if d == dep.get("name")), None)
+            if kind is not None:
+                serving.setdefault(kind, []).append((a, dep))
+    where = f"application {app!r}" if app else "the serveConfigV2"
     if model is None:
-        if len(present) != 1:
-            raise K8sError(f"application {target.get('name')!r} serves "
-                           f"{', '.join(sorted(present)) or 'no model'}; pass --model")
-        model = next(iter(present))
-    if model not in present:
-        raise K8sError(f"application {target.get('name')!r} has no {model} deployment "
-                       f"({models.get(model, model)}) in serveConfigV2")
+        if len(serving) != 1:
+            raise K8sError(f"{where} serves {', '.join(sorted(serving)) or 'no model'}; "
+                           "pass --model")
+        model = next(iter(serving))
+    if model not in serving:
+        raise K8sError(f"{where} has no {model} deployment ({models.get(model, model)})")
     changed = []
-    for dep in target["deployments"]:
-        if dep.get("name") == present[model]:
-            dep.setdefault("user_config", {})["checkpoint"] = checkpoint
-            changed.append(dep["name"])
+    for a, dep in serving[model]:
+        dep.setdefault("user_config", {})["checkpoint"] = checkpoint
+        changed.append(f"{a.get('name')}/{dep['name']}")
     new = yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False, width=100)
     return new, changed
 

@@ -1,13 +1,18 @@
-"""The FastAPI app object and its plumbing: error rendering, request metrics, API-key auth.
+"""The FastAPI apps' plumbing: error rendering, request metrics, API-key auth, the mount point.
 
-The route handlers live on :class:`serve_app.ingress.Ingress` (``@serve.ingress(app)``); this
-module holds what is app-wide: exception handlers that turn every error into JSON
+Every Serve application of mve (the front and each model, see :mod:`serve_app.app`) builds its
+FastAPI app with :func:`new_app`, which adds what is app-wide: exception handlers that turn
+every error into JSON
 (``{"error": {"code", "message"}}`` on ``/v1``, the OIP ``{"error": msg}`` on ``/v2``), an ASGI
 middleware that counts requests by route template and sets ``X-Content-Type-Options: nosniff``,
 and the API-key check (``Authorization: Bearer KEY`` or ``X-API-Key: KEY``, constant-time compare)
 on every route but the page, the docs and the health checks. It runs before routing, so an
 unauthenticated request never reaches a handler or has its body read, and a route added later
 is protected by default (an allowlist of open paths, not a per-route dependency).
+
+Routes are declared with their full public paths (``/v1/classify``, not ``/``): the middleware
+sets the ASGI ``root_path`` to the app's mount point (``AppArgs.mount``, usually empty) instead
+of the Serve route prefix, so the same routes work behind any route prefix.
 """
 
 # No `from __future__ import annotations`: FastAPI must see real classes in signatures.
@@ -30,16 +35,18 @@ from mve import __version__
 from serve_app.errors import ApiError, error_body, oip_error_body
 from serve_app.schemas import AppArgs, ErrorResponse
 
-__all__ = ["app", "RUNTIME", "configure", "OPEN_PATHS", "ERRORS", "PNG_RESPONSES", "Gatekeeper",
-           "key_ok", "load_api_key", "image_body"]
+__all__ = ["new_app", "RUNTIME", "configure", "OPEN_PATHS", "ERRORS", "PNG_RESPONSES",
+           "Gatekeeper", "key_ok", "load_api_key", "image_body", "app_path", "setup_replica",
+           "current_server"]
 
 logger = logging.getLogger("ray.serve")
 # Per-replica state of the middleware and error handlers (one ingress replica per process).
-RUNTIME = SimpleNamespace(metrics=None, api_key=None)
+RUNTIME = SimpleNamespace(metrics=None, api_key=None, mount="", server=None)
 
 
-def configure(*, metrics: Any, api_key: str | None) -> None:
-    """Sets the replica's metrics and API key.
+def configure(*, metrics: Any, api_key: str | None, mount: str = "",
+              server: Any = None) -> None:
+    """Sets the replica's metrics, API key, mount point and model server.
 
     Call this function rather than assigning ``RUNTIME`` attributes from the deployment class:
     Serve pickles the ``@serve.ingress`` class by value, so a global it touches directly is a
@@ -47,6 +54,15 @@ def configure(*, metrics: Any, api_key: str | None) -> None:
     """
     RUNTIME.metrics = metrics
     RUNTIME.api_key = api_key
+    RUNTIME.mount = mount.rstrip("/")
+    RUNTIME.server = server
+
+
+def current_server() -> Any:
+    """The replica's :class:`~serve_app.model_server.ModelServer` (set by ``configure``)."""
+    if RUNTIME.server is None:
+        raise ApiError(503, "model_not_ready", "this replica is still starting")
+    return RUNTIME.server
 
 
 def _route(scope: dict[str, Any]) -> str:
@@ -59,7 +75,8 @@ OPEN_PATHS = re.compile(r"^/(|static/[\w.-]+|docs|docs/oauth2-redirect|openapi\.
                         r"v2/health/(live|ready)|v2/models/[^/]+(/versions/[^/]+)?/ready)$")
 
 
-def _app_path(scope: dict[str, Any]) -> str:
+def app_path(scope: dict[str, Any]) -> str:
+    """The request path below the mount point (what the routes and ``OPEN_PATHS`` match)."""
     path, root = scope.get("path", ""), scope.get("root_path", "")
     return path[len(root):] or "/" if root and path.startswith(root) else path
 
@@ -91,8 +108,10 @@ class Gatekeeper:
                 MutableHeaders(scope=message).setdefault("X-Content-Type-Options", "nosniff")
             await send(message)
 
+        # Serve sets root_path to the app's route prefix; the routes carry full paths.
+        scope["root_path"] = RUNTIME.mount
         try:
-            path = _app_path(scope)
+            path = app_path(scope)
             if (RUNTIME.api_key is not None and not OPEN_PATHS.match(path)
                     and not key_ok(Headers(scope=scope), RUNTIME.api_key)):
                 response = _error_response(
@@ -118,37 +137,57 @@ def _error_response(path: str, status: int, code: str, message: str, route: str,
 
 def _error(request: Request, status: int, code: str, message: str,
            headers: dict[str, str] | None = None) -> JSONResponse:
-    return _error_response(_app_path(request.scope), status, code, message,
+    return _error_response(app_path(request.scope), status, code, message,
                            _route(request.scope), headers)
 
 
-app = FastAPI(title="mve serving API", version=__version__,
-              description="Classify CIFAR-scale images and sample/reconstruct with a VAE; "
-                          "KServe Open Inference Protocol v2 under /v2.")
-app.add_middleware(Gatekeeper)
-
-
-@app.exception_handler(ApiError)
 async def _on_api_error(request: Request, exc: ApiError) -> JSONResponse:
     return _error(request, exc.status, exc.code, exc.message, exc.headers)
 
 
-@app.exception_handler(RequestValidationError)
 async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     msg = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
     return _error(request, 422, "invalid_parameter", msg)
 
 
-@app.exception_handler(StarletteHTTPException)
 async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return _error(request, exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 
 
-@app.exception_handler(Exception)
 async def _on_crash(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s", request.url.path)
     return _error(request, 500, "internal", "internal server error")
+
+
+DESCRIPTION = ("Classify CIFAR-scale images and sample/reconstruct with a VAE; KServe Open "
+               "Inference Protocol v2 under /v2.")
+
+
+def new_app(title: str = "mve serving API") -> FastAPI:
+    """A FastAPI app with mve's middleware and error handlers, without FastAPI's own docs
+    routes (the front serves one document for all apps, :mod:`serve_app.front`)."""
+    app = FastAPI(title=title, version=__version__, description=DESCRIPTION, docs_url=None,
+                  redoc_url=None, openapi_url=None)
+    app.add_middleware(Gatekeeper)
+    app.add_exception_handler(ApiError, _on_api_error)
+    app.add_exception_handler(RequestValidationError, _on_validation)
+    app.add_exception_handler(StarletteHTTPException, _on_http)
+    app.add_exception_handler(Exception, _on_crash)
+    return app
+
+
+def setup_replica(args: AppArgs, server: Any, *, front: bool = False) -> None:
+    """Per-replica HTTP set-up: Pillow hardening, the API key, request metrics, the mount and
+    the object the routes of this replica call (``current_server()``)."""
+    from serve_app.images import harden_pillow
+    from serve_app.metrics import IngressMetrics  # imports Ray: replicas only
+
+    harden_pillow()
+    api_key = load_api_key(args)
+    configure(metrics=IngressMetrics(), api_key=api_key, mount=args.mount, server=server)
+    if api_key is None and front:  # said once, by the front, not by every model app
+        logger.warning("mve: no API key configured; inference routes are open")
 
 
 def load_api_key(args: AppArgs) -> str | None:

@@ -1,15 +1,28 @@
-"""The typed application builder ``serve_app.app:build_app``.
+"""The typed application builders, and why mve is several Serve applications.
 
-Three deployments: ``Classifier`` and ``VAE`` (each optional, each with its checkpoint in
-``user_config``) behind the FastAPI ``Ingress``::
+Every model request crosses one Python process: the replica that receives the HTTP request
+runs the model (no proxy -> ingress -> model chain). On Ray 2.60 that needs each model to be
+the ingress of its own Serve application, reached directly by HAProxy
+(``RAY_SERVE_ENABLE_HA_PROXY=1``, :mod:`serve_app.dataplane`). A Serve application has one
+route prefix, and each model has two route families (``/v1/...`` and ``/v2/models/<name>``),
+so each model is deployed as two applications from the same code:
 
-    serve run serve_app.app:build_app classifier=runs/clf vae=runs/vae
-    serve deploy serve_app/config.yaml        # the same builder, options from the file
-    mve serve --classifier runs/clf --vae runs/vae
+==============  =========================  ==============================================
+application     route prefix               serves
+==============  =========================  ==============================================
+mve             ``/``                      page, ``/docs``, ``/v1/models``, ``/v2``, health
+classifier      ``/v1/classify``           classifier, HTTP/JSON API
+classifier-oip  ``/v2/models/classifier``  classifier, Open Inference Protocol
+vae             ``/v1/vae``                VAE, HTTP/JSON API
+vae-oip         ``/v2/models/vae``         VAE, Open Inference Protocol
+==============  =========================  ==============================================
 
-Deployment options (autoscaling, resources, batching) set in ``serve_app/config.yaml`` override
-the code defaults in :mod:`serve_app.deployments`; that file is the single source of truth for
-``serve deploy`` and the KubeRay RayService's ``serveConfigV2``.
+Each model application autoscales on its own and is hot-swapped through its deployment's
+``user_config`` (:func:`serve_app.deploy.set_user_config` changes every app of a model).
+``serve_app/config.yaml`` lists them; ``serve deploy serve_app/config.yaml`` and ``mve serve``
+start them all; one of them alone::
+
+    serve run serve_app.app:build_model model=classifier checkpoint=runs/clf
 """
 
 from __future__ import annotations
@@ -20,16 +33,9 @@ from urllib.parse import urlparse
 
 from ray.serve import Application
 
-from serve_app.deployments import ClassifierDeployment, VAEDeployment
-from serve_app.ingress import Ingress
-from serve_app.schemas import AppArgs
+from serve_app.schemas import FrontArgs, ModelArgs
 
-__all__ = ["AppArgs", "build_app"]
-
-
-def _user_config(args: AppArgs, checkpoint: str) -> dict[str, Any]:
-    return {"checkpoint": checkpoint, "max_batch_size": args.max_batch_size,
-            "batch_wait_timeout_s": args.batch_wait_timeout_s}
+__all__ = ["build_front", "build_model"]
 
 
 def _absolute(source: str | None) -> str | None:
@@ -40,23 +46,26 @@ def _absolute(source: str | None) -> str | None:
     return str(path.resolve()) if path.exists() else source
 
 
-def build_app(args: AppArgs) -> Application:
-    """Builds the mve application: the model deployments that have a checkpoint, and the ingress.
+def build_model(args: ModelArgs | dict[str, Any]) -> Application:
+    """A model application: the classifier or the VAE as its own HTTP ingress.
 
-    Raises:
-        ValueError: neither a classifier nor a VAE checkpoint is given.
+    Its checkpoint comes from the deployment's ``user_config`` (``serve_app/config.yaml``);
+    ``checkpoint=`` gives the initial one when there is no config file.
     """
-    if not isinstance(args, AppArgs):  # called from Python with a dict
-        args = AppArgs.model_validate(args)
-    if args.classifier is None and args.vae is None:
-        raise ValueError("give at least one checkpoint: classifier=DIR and/or vae=DIR")
-    args = args.model_copy(update={"classifier": _absolute(args.classifier),
-                                   "vae": _absolute(args.vae)})
-    threads = {"torch_threads": args.torch_threads}
-    classifier = vae = None
-    if args.classifier is not None:
-        classifier = ClassifierDeployment.options(
-            user_config=_user_config(args, args.classifier)).bind(**threads)
-    if args.vae is not None:
-        vae = VAEDeployment.options(user_config=_user_config(args, args.vae)).bind(**threads)
-    return Ingress.bind(classifier, vae, args.model_dump())
+    args = args if isinstance(args, ModelArgs) else ModelArgs.model_validate(args)
+    if args.model == "classifier":
+        from serve_app.classifier_app import ClassifierServer as server
+    else:
+        from serve_app.vae_app import VAEServer as server
+    deployment = server
+    if args.checkpoint is not None:
+        deployment = server.options(user_config={"checkpoint": _absolute(args.checkpoint)})
+    return deployment.bind(args.model_dump(exclude={"checkpoint"}))
+
+
+def build_front(args: FrontArgs | dict[str, Any]) -> Application:
+    """The front application (page, docs, ``/v1/models``, server-wide OIP routes)."""
+    from serve_app.front import Front
+
+    args = args if isinstance(args, FrontArgs) else FrontArgs.model_validate(args)
+    return Front.bind(args.model_dump())

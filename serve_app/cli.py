@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import signal
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+
+from serve_app.embedded import add_serve_arguments, apply_default_models, serve_command, user_error
 
 __all__ = ["add_serve_arguments", "add_predict_arguments", "add_generate_arguments",
            "apply_default_models", "serve_command", "predict_command", "generate_command",
@@ -33,30 +31,6 @@ def _client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="server URL (default $MVE_URL or http://127.0.0.1:8000)")
     p.add_argument("--api-key-file", help="file with the API key (default $MVE_API_KEY)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (60)")
-
-
-def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of ``mve serve``."""
-    p.add_argument("--classifier", metavar="DIR", help="classifier checkpoint directory or URI")
-    p.add_argument("--vae", metavar="DIR", help="VAE checkpoint directory or URI")
-    p.add_argument("--no-defaults", action="store_true",
-                   help="do not fall back to the shipped models/cifar10-classifier and "
-                        "models/cifar10-vae for a model that is not given")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="HTTP bind address (default 127.0.0.1; 0.0.0.0 to listen on all)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    p.add_argument("--metrics-port", type=int, metavar="P",
-                   help="Prometheus export port of the embedded Ray (/metrics)")
-    p.add_argument("--address", help="join this Ray cluster instead of starting one (e.g. auto); "
-                                      "checkpoint paths must then exist on its nodes, or be URIs")
-    p.add_argument("--api-key-file", metavar="F", help="require this API key on inference "
-                   "routes (else $MVE_API_KEY when set; else the routes are open)")
-    p.add_argument("--config", metavar="YAML", help="Serve config to start from "
-                   "(default serve_app/config.yaml)")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray (default: all)")
-    p.add_argument("--max-batch-size", type=int, help="images per forward pass (default 32)")
-    p.add_argument("--batch-wait-timeout-s", type=float,
-                   help="seconds a batch waits to fill (default 0.005)")
 
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
@@ -94,130 +68,6 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     _client_options(p)
 
 
-def _user_error(message: str) -> Exception:
-    from mve.commands import UserError
-
-    return UserError(message)
-
-
-def _local_path(value: str | None, check: bool) -> str | None:
-    """Absolute path for a local checkpoint (replicas run elsewhere); URIs unchanged.
-
-    With ``check`` (embedded Ray) the checkpoint is validated here, before Ray starts.
-    """
-    if value is None or urlparse(value).scheme not in ("", "file"):
-        return value
-    path = Path(urlparse(value).path if value.startswith("file:") else value).expanduser()
-    if check:
-        from mve.checkpoint import read_meta
-
-        read_meta(path)  # a clear CheckpointError before anything starts
-    return str(path.resolve())
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def _save_config(config: dict[str, Any], port: int) -> Path:
-    """Writes the effective Serve config (what ``serve deploy`` needs for an in-place update);
-    removed again when ``mve serve`` stops."""
-    import tempfile
-
-    import yaml
-
-    path = Path(tempfile.gettempdir()) / f"mve-serve-{port}.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-def apply_default_models(args: argparse.Namespace) -> argparse.Namespace:
-    """Fills a missing ``--classifier``/``--vae`` with the shipped default checkpoint
-    (``models/cifar10-*``, see :mod:`mve.pretrained`) unless ``--no-defaults``."""
-    if getattr(args, "no_defaults", False):
-        return args
-    from mve.pretrained import default_classifier, default_vae
-
-    for kind, find in (("classifier", default_classifier), ("vae", default_vae)):
-        if not getattr(args, kind, None):
-            found = find()
-            if found is not None:
-                setattr(args, kind, str(found))
-                print(f"mve serve: {kind}: the shipped default {found}", file=sys.stderr)
-    return args
-
-
-def serve_command(args: argparse.Namespace) -> int:
-    """Runs the app on an embedded local Ray (or ``--address``) until SIGINT/SIGTERM."""
-    apply_default_models(args)
-    if not args.classifier and not args.vae:
-        raise _user_error("give --classifier DIR and/or --vae DIR (no shipped default "
-                          "checkpoints in models/cifar10-classifier or models/cifar10-vae)")
-    from serve_app.deploy import APP_NAME, app_config, deploy, load_config
-
-    key_file = str(Path(args.api_key_file).expanduser().resolve()) if args.api_key_file else None
-    if key_file and args.address is None and not Path(key_file).is_file():
-        raise _user_error(f"API key file {key_file} does not exist")
-    local = args.address is None
-    config = app_config(load_config(args.config),
-                        classifier=_local_path(args.classifier, check=local),
-                        vae=_local_path(args.vae, check=local), host=args.host, port=args.port,
-                        api_key_file=key_file, max_batch_size=args.max_batch_size,
-                        batch_wait_timeout_s=args.batch_wait_timeout_s)
-    import ray
-    from ray import serve
-
-    init: dict[str, Any] = {"address": args.address or "local", "namespace": "serve",
-                            "logging_level": logging.WARNING}
-    if local:
-        init.update(num_cpus=args.num_cpus, _metrics_export_port=args.metrics_port)
-    elif args.metrics_port is not None:
-        print("mve serve: --metrics-port only applies to the embedded Ray; the cluster's "
-              "nodes export metrics on their own port", file=sys.stderr)
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.getsignal(s) for s in signals}
-    saved: Path | None = None
-    try:
-        context = ray.init(**init)
-        for s in signals:
-            signal.signal(s, _raise_interrupt)
-        try:
-            deploy(config)
-        except RuntimeError as exc:  # the app failed to start, e.g. an unloadable checkpoint
-            raise _user_error(str(exc)) from None
-        host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-        url = f"http://{host}:{args.port}/"
-        print(f"mve serve: {url} (API docs {url}docs, Open Inference Protocol {url}v2)",
-              flush=True)
-        if local and args.metrics_port:
-            print(f"mve serve: metrics http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
-        if local and getattr(context, "dashboard_url", None):
-            saved = _save_config(config, args.port)
-            print(f"mve serve: to hot-swap a model, edit user_config.checkpoint in {saved} and "
-                  f"run `RAY_AUTH_MODE=token serve deploy {saved} -a "
-                  f"http://{context.dashboard_url}`", flush=True)
-        print("mve serve: Ctrl-C to stop", flush=True)
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("mve serve: stopping", file=sys.stderr, flush=True)
-    finally:
-        for s in signals:
-            signal.signal(s, signal.SIG_IGN)
-        if saved is not None:
-            saved.unlink(missing_ok=True)
-        try:
-            if ray.is_initialized() and local:
-                serve.shutdown()
-            elif ray.is_initialized():
-                serve.delete(APP_NAME)
-        finally:
-            ray.shutdown()
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-    return 0
-
-
 def _client(args: argparse.Namespace) -> Any:
     from serve_app.client import MveClient
 
@@ -226,7 +76,7 @@ def _client(args: argparse.Namespace) -> Any:
         try:
             key = Path(args.api_key_file).expanduser().read_text().strip()
         except OSError as exc:
-            raise _user_error(f"cannot read the API key file: {exc}") from None
+            raise user_error(f"cannot read the API key file: {exc}") from None
     return MveClient(args.url, api_key=key, timeout=args.timeout)
 
 
@@ -239,11 +89,11 @@ def predict_command(args: argparse.Namespace) -> int:
         try:
             blobs.append(Path(name).read_bytes())
         except OSError as exc:
-            raise _user_error(f"cannot read {name}: {exc}") from None
+            raise user_error(f"cannot read {name}: {exc}") from None
     try:
         out = _client(args).classify(blobs, top_k=args.top_k)
     except ClientError as exc:
-        raise _user_error(str(exc)) from None
+        raise user_error(str(exc)) from None
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -260,17 +110,17 @@ def _generate_inputs(args: argparse.Namespace) -> tuple[str, int, list[bytes]]:
     images = list(getattr(args, "image", None) or [])
     need = {"sample": 0, "variations": 1, "interpolate": 2}[mode]
     if len(images) != need:
-        raise _user_error(f"--mode {mode} needs {need} --image file(s), got {len(images)}")
+        raise user_error(f"--mode {mode} needs {need} --image file(s), got {len(images)}")
     if n < (2 if mode == "interpolate" else 1):
-        raise _user_error(f"--n must be >= {2 if mode == 'interpolate' else 1}, got {n}")
+        raise user_error(f"--n must be >= {2 if mode == 'interpolate' else 1}, got {n}")
     if args.temperature < 0:
-        raise _user_error(f"--temperature must be >= 0, got {args.temperature}")
+        raise user_error(f"--temperature must be >= 0, got {args.temperature}")
     blobs = []
     for name in images:
         try:
             blobs.append(Path(name).read_bytes())
         except OSError as exc:
-            raise _user_error(f"cannot read {name}: {exc}") from None
+            raise user_error(f"cannot read {name}: {exc}") from None
     return mode, n, blobs
 
 
@@ -290,16 +140,16 @@ def generate_local(vae: str, mode: str, n: int, blobs: list[bytes], *, temperatu
 
         found = default_vae()
         if found is None:
-            raise _user_error(missing_message("vae"))
+            raise user_error(missing_message("vae"))
         vae = str(found)
     ckpt = load_checkpoint(vae, device=device)
     if not hasattr(ckpt.model, "variations"):
-        raise _user_error(f"{vae} is a {ckpt.model_name} checkpoint, not a VAE")
+        raise user_error(f"{vae} is a {ckpt.model_name} checkpoint, not a VAE")
     model, prep = ckpt.model, ckpt.preprocessing
     try:
         arrays = [decode_image(b, Limits(), index=i) for i, b in enumerate(blobs)]
     except ApiError as exc:
-        raise _user_error(exc.message) from None
+        raise user_error(exc.message) from None
     x = preprocess(arrays, prep).to(device) if arrays else None
     try:
         if mode == "sample":
@@ -312,7 +162,7 @@ def generate_local(vae: str, mode: str, n: int, blobs: list[bytes], *, temperatu
             y = model.interpolate(x[0], x[1], n, method=method)
             nrow = n
     except ValueError as exc:  # e.g. --prior gmm on a checkpoint without a fitted prior
-        raise _user_error(str(exc)) from None
+        raise user_error(str(exc)) from None
     return encode_png(make_grid(to_uint8_hwc(y, prep), nrow=nrow))
 
 
@@ -327,7 +177,7 @@ def generate_command(args: argparse.Namespace) -> int:
                              device=args.device)
     else:
         if getattr(args, "prior", None):
-            raise _user_error("--prior needs --vae (the server samples from its checkpoint's "
+            raise user_error("--prior needs --vae (the server samples from its checkpoint's "
                               "prior)")
         client = _client(args)
         try:
@@ -339,7 +189,7 @@ def generate_command(args: argparse.Namespace) -> int:
             else:
                 png = client.interpolate(blobs[0], blobs[1], steps=n)
         except ClientError as exc:
-            raise _user_error(str(exc)) from None
+            raise user_error(str(exc)) from None
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

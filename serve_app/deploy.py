@@ -2,9 +2,10 @@
 
 ``mve serve``, the integration tests and the benchmark all start from the same config file:
 :func:`app_config` fills in checkpoints and arguments, :func:`deploy` submits it to the Serve
-controller (``deploy_apps``, the call behind ``serve run``/``serve deploy``) and waits. A second
-:func:`deploy` of the same app with only ``user_config`` changed is an in-place update
-(``reconfigure``), which is how checkpoints are hot-swapped.
+controller (``deploy_apps``, the call behind ``serve run``/``serve deploy``) and waits for every
+application. A second :func:`deploy` with only ``user_config`` changed is an in-place update
+(``reconfigure``), which is how checkpoints are hot-swapped (:func:`set_user_config` changes
+every application of a model at once).
 
 Only :func:`deploy` and :func:`wait_for_app` import Ray (lazily).
 """
@@ -12,24 +13,42 @@ Only :func:`deploy` and :func:`wait_for_app` import Ray (lazily).
 from __future__ import annotations
 
 import copy
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["DEFAULT_CONFIG", "APP_NAME", "DEPLOYMENT_NAMES", "load_config", "app_config",
-           "set_user_config", "deploy", "wait_for_app"]
+__all__ = ["DEFAULT_CONFIG", "APP_NAME", "DEPLOYMENT_NAMES", "USER_CONFIG_KEYS", "load_config",
+           "app_config", "model_apps", "set_user_config", "fixed_replicas", "deploy", "wait_for_app"]
 
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
-APP_NAME = "mve"
+APP_NAME = "mve"  # the front application; the model apps are named after their model
 DEPLOYMENT_NAMES = {"classifier": "Classifier", "vae": "VAE"}
+# What `app_config(...)` keyword arguments set in each model deployment's user_config.
+USER_CONFIG_KEYS = ("max_batch_size", "batch_wait_timeout_s", "tta", "torch_threads")
 
 
 def load_config(path: str | Path | None = None) -> dict[str, Any]:
-    """Reads a Serve config file (default ``serve_app/config.yaml``)."""
+    """Reads a Serve config file (default ``serve_app/config.yaml``).
+
+    YAML anchors are resolved into independent copies (one app's ``user_config`` is never the
+    same object as its twin's) and the ``x-*`` keys that only hold anchors are dropped.
+    """
     with open(path or DEFAULT_CONFIG) as f:
-        return yaml.safe_load(f)
+        raw = yaml.safe_load(f)
+    return {k: v for k, v in json.loads(json.dumps(raw)).items() if not k.startswith("x-")}
+
+
+def model_apps(config: dict[str, Any]) -> dict[str, list[str]]:
+    """``{model: [application names]}`` of the model applications in ``config``."""
+    out: dict[str, list[str]] = {}
+    for app in config["applications"]:
+        model = (app.get("args") or {}).get("model")
+        if model is not None:
+            out.setdefault(model, []).append(app["name"])
+    return out
 
 
 def _app(config: dict[str, Any], name: str) -> dict[str, Any]:
@@ -41,38 +60,29 @@ def _app(config: dict[str, Any], name: str) -> dict[str, Any]:
 
 def app_config(config: dict[str, Any], *, classifier: str | None, vae: str | None,
                host: str | None = None, port: int | None = None, name: str = APP_NAME,
-               route_prefix: str | None = None, **args: Any) -> dict[str, Any]:
-    """A copy of ``config`` serving the given checkpoints, with extra app ``args``.
+               mount: str = "", **args: Any) -> dict[str, Any]:
+    """A copy of ``config`` serving the given checkpoints.
 
-    Drops the deployment entry of an absent model, sets each present model's
-    ``user_config.checkpoint`` (and batching args, when given) and the HTTP host/port.
+    Drops the applications of an absent model, points each present model's deployments at its
+    checkpoint, applies ``args``: :data:`USER_CONFIG_KEYS` go to every model deployment's
+    ``user_config``, the rest (limits, ``api_key_file``, ...) to every application's ``args``
+    (None values are ignored). With ``mount`` (e.g. ``/secure``) every route prefix moves under
+    it and the applications are renamed ``<name>-<app>`` (the front becomes ``name``), so the
+    result can be deployed next to the unmounted one.
     """
     out = copy.deepcopy(config)
-    app = _app(out, APP_NAME)
-    app["name"] = name
-    if route_prefix is not None:
-        app["route_prefix"] = route_prefix
-    app_args = app.setdefault("args", {})
-    app_args.update({k: v for k, v in args.items() if v is not None})
     paths = {"classifier": classifier, "vae": vae}
-    keep = []
-    for dep in app.get("deployments", []):
-        model = next((m for m, d in DEPLOYMENT_NAMES.items() if d == dep["name"]), None)
-        if model is not None and paths[model] is None:
-            continue
-        if model is not None:
-            uc = dep.setdefault("user_config", {})
-            uc["checkpoint"] = paths[model]
-            for key in ("max_batch_size", "batch_wait_timeout_s"):
-                if args.get(key) is not None:
-                    uc[key] = args[key]
-        keep.append(dep)
-    app["deployments"] = keep
-    for model, path in paths.items():
-        if path is None:
-            app_args.pop(model, None)
-        else:
-            app_args[model] = path
+    present = {m: apps for m, apps in model_apps(out).items() if paths.get(m) is not None}
+    keep = [a for a in out["applications"]
+            if a["name"] == APP_NAME or (a.get("args") or {}).get("model") in present]
+    renamed = {a["name"]: (name if a["name"] == APP_NAME else
+                           f"{name}-{a['name']}" if mount else a["name"]) for a in keep}
+    for app in keep:
+        _configure_app(app, paths, args, mount)
+        if app["name"] == APP_NAME:
+            app["args"]["models"] = {m: [renamed[a] for a in apps] for m, apps in present.items()}
+        app["name"] = renamed[app["name"]]
+    out["applications"] = keep
     http = out.setdefault("http_options", {})
     if host is not None:
         http["host"] = host
@@ -81,15 +91,48 @@ def app_config(config: dict[str, Any], *, classifier: str | None, vae: str | Non
     return out
 
 
-def set_user_config(config: dict[str, Any], model: str, name: str = APP_NAME,
-                    **values: Any) -> dict[str, Any]:
-    """A copy of ``config`` with ``values`` merged into ``model``'s ``user_config``."""
+def _configure_app(app: dict[str, Any], paths: dict[str, str | None], args: dict[str, Any],
+                   mount: str) -> None:
+    app_args = app.setdefault("args", {})
+    app_args.update({k: v for k, v in args.items()
+                     if v is not None and k not in USER_CONFIG_KEYS})
+    if mount:
+        app_args["mount"] = mount
+        app["route_prefix"] = mount + ("" if app["route_prefix"] == "/" else app["route_prefix"])
+    model = app_args.get("model")
+    if model is None:
+        return
+    for dep in app.get("deployments", []):
+        uc = dep.setdefault("user_config", {})
+        uc["checkpoint"] = paths[model]
+        uc.update({k: args[k] for k in USER_CONFIG_KEYS if args.get(k) is not None})
+
+
+def set_user_config(config: dict[str, Any], model: str, **values: Any) -> dict[str, Any]:
+    """A copy of ``config`` with ``values`` merged into the ``user_config`` of every
+    deployment of ``model`` (all its applications change together)."""
     out = copy.deepcopy(config)
-    for dep in _app(out, name)["deployments"]:
-        if dep["name"] == DEPLOYMENT_NAMES[model]:
+    apps = model_apps(out).get(model)
+    if not apps:
+        raise KeyError(f"{model} is not deployed in this config")
+    for name in apps:
+        for dep in _app(out, name)["deployments"]:
             dep.setdefault("user_config", {}).update(values)
-            return out
-    raise KeyError(f"{model} is not deployed in application {name!r}")
+    return out
+
+
+def fixed_replicas(config: dict[str, Any], n: int, *, model: str | None = None
+                   ) -> dict[str, Any]:
+    """A copy of ``config`` with exactly ``n`` replicas per deployment (autoscaling pinned):
+    of ``model``'s applications only when given, else of every application."""
+    out = copy.deepcopy(config)
+    for app in out["applications"]:
+        if model is not None and (app.get("args") or {}).get("model") != model:
+            continue
+        for dep in app.get("deployments", []):
+            dep.setdefault("autoscaling_config", {}).update(
+                min_replicas=n, max_replicas=n, initial_replicas=n)
+    return out
 
 
 def _last_line(message: str) -> str:

@@ -25,10 +25,10 @@ from starlette.responses import JSONResponse, Response
 
 from serve_app.errors import ApiError
 from serve_app.images import decode_base64, encode_png, make_grid
-from serve_app.schemas import ClassScore, ImagesResponse, Limits, Prediction
+from serve_app.schemas import ImagesResponse, Limits
 
 __all__ = ["read_body", "parse_images", "parse_params", "validate", "check_count", "wants_json",
-           "top_k_predictions", "render_images", "RAW_IMAGE_TYPES"]
+           "classify_body", "render_images", "RAW_IMAGE_TYPES"]
 
 RAW_IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "application/octet-stream")
 _CONTROL_PARAMS = ("format",)
@@ -174,17 +174,19 @@ def wants_json(request: Request) -> bool:
     return "application/json" in accept and "image/png" not in accept
 
 
-def top_k_predictions(probs: np.ndarray, class_names: list[str], k: int) -> list[Prediction]:
-    """Top-``k`` classes per row of ``probs`` ``[N, K]``."""
+def classify_body(probs: np.ndarray, class_names: list[str], k: int,
+                  checkpoint_id: str) -> bytes:
+    """The ``/v1/classify`` JSON (:class:`~serve_app.schemas.ClassifyResponse`'s shape), built
+    without pydantic: on the hot path, response validation costs more than the answer."""
     k = min(k, probs.shape[1])
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    out = []
-    for row, idx in zip(probs, order, strict=True):
-        scores = [ClassScore(label=class_names[i], index=int(i), probability=float(row[i]))
-                  for i in idx]
-        out.append(Prediction(label=scores[0].label, probability=scores[0].probability,
-                              top_k=scores))
-    return out
+    preds = []
+    for row, idx in zip(probs.tolist(), order.tolist(), strict=True):
+        top = [{"label": class_names[i], "index": i, "probability": row[i]} for i in idx]
+        preds.append({"label": top[0]["label"], "probability": top[0]["probability"],
+                      "top_k": top})
+    return json.dumps({"model": "classifier", "checkpoint_id": checkpoint_id,
+                       "predictions": preds}, separators=(",", ":")).encode()
 
 
 def render_images(images: np.ndarray, checkpoint_id: str, *, as_json: bool,

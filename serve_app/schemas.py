@@ -11,7 +11,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
-    "AppArgs", "Limits", "ModelUserConfig", "ClassifyParams", "ClassifyJSON", "ClassScore",
+    "MODELS", "ModelKind", "TTAMode", "AppArgs", "ModelArgs", "FrontArgs", "Limits",
+    "ModelUserConfig", "ClassifyParams", "ClassifyJSON", "ClassScore",
     "Prediction", "ClassifyResponse", "SampleParams", "VariationParams", "InterpolateParams",
     "NoParams", "ImagesJSON", "ImagesResponse", "SwapStatus", "ModelInfo", "ModelsResponse",
     "ErrorBody", "ErrorResponse", "MiB",
@@ -34,28 +35,27 @@ class Limits(BaseModel):
     max_steps: int = Field(32, ge=2, le=1024, description="VAE interpolation steps")
 
 
-class AppArgs(Limits):
-    """Arguments of the typed builder ``serve_app.app:build_app``.
+MODELS = ("classifier", "vae")
+ModelKind = Literal["classifier", "vae"]
+TTAMode = Literal["none", "flip", "flip_translate"]
 
-    ``serve run serve_app.app:build_app classifier=runs/clf vae=runs/vae`` maps onto these
-    fields; in ``serve_app/config.yaml`` they are the application's ``args``. A checkpoint
-    given here is only the *initial* ``user_config.checkpoint`` of its deployment; swap
-    models later by changing ``deployments[].user_config`` (in place, no restart).
+
+class AppArgs(Limits):
+    """Arguments every mve Serve application takes (its ``args`` in ``serve_app/config.yaml``).
+
+    The request limits, the API key and where the app is mounted. A model application (see
+    :class:`ModelArgs`) also names its model; the front (:class:`FrontArgs`) the model apps.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    classifier: str | None = Field(None, description="classifier checkpoint directory or URI")
-    vae: str | None = Field(None, description="VAE checkpoint directory or URI")
-    max_batch_size: int = Field(32, ge=1, le=1024, description="initial images per forward pass")
-    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=1.0,
-                                        description="initial wait for a batch to fill")
     api_key_file: str | None = Field(None, description="file holding the API key (else env)")
     api_key_env: str = Field("MVE_API_KEY", description="environment variable with the API key")
-    model_timeout_s: float = Field(30.0, gt=0, description="ingress wait for a model (503)")
-    torch_threads: int | None = Field(None, ge=1, le=256, description="torch threads per replica")
+    model_timeout_s: float = Field(30.0, gt=0, description="front: wait for a model (503)")
+    mount: str = Field("", pattern=r"^(/[\w.~-]+)*$",
+                       description="public path the routes live under (all apps alike)")
 
-    @field_validator("classifier", "vae", "api_key_file")
+    @field_validator("api_key_file")
     @classmethod
     def _blank_is_none(cls, v: str | None) -> str | None:
         return v if v is None or v.strip() else None
@@ -65,14 +65,37 @@ class AppArgs(Limits):
         return Limits(**{k: getattr(self, k) for k in Limits.model_fields})
 
 
+class ModelArgs(AppArgs):
+    """Arguments of a model application (``serve_app.app:build_model``).
+
+    ``checkpoint`` is only the initial ``user_config.checkpoint`` (``serve run`` without a
+    config file); swap models later by changing the deployment's ``user_config`` (in place).
+    """
+
+    model: ModelKind = Field(..., description="the model family this app serves")
+    checkpoint: str | None = Field(None, description="initial checkpoint directory or URI")
+
+
+class FrontArgs(AppArgs):
+    """Arguments of the front application (``serve_app.app:build_front``): for each deployed
+    model, the names of the Serve applications that serve it (its ``/v1`` app first)."""
+
+    models: dict[ModelKind, list[str]] = Field(default_factory=dict)
+
+
 class ModelUserConfig(BaseModel):
     """A model deployment's ``user_config``; changing it calls ``reconfigure`` in place."""
 
     model_config = ConfigDict(extra="forbid")
 
     checkpoint: str = Field(..., min_length=1, description="checkpoint directory or URI")
-    max_batch_size: int = Field(32, ge=1, le=1024)
-    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=1.0)
+    max_batch_size: int = Field(32, ge=1, le=1024, description="images per forward pass")
+    batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0, description=(
+        "how long a batch that is not full may wait for more requests while none is queued "
+        "(0: greedy, take what queued during the previous forward pass)"))
+    tta: TTAMode | None = Field(None, description="classifier test-time augmentation "
+                                "(None: the checkpoint's own setting)")
+    torch_threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads")
 
 
 # -- /v1/classify --------------------------------------------------------------------------
@@ -180,6 +203,10 @@ class ModelInfo(BaseModel):
     replica: str
     max_batch_size: int
     batch_wait_timeout_s: float
+    tta: TTAMode | None = None
+    torch_threads: int | None = None
+    batches: int = Field(0, description="forward passes this replica ran")
+    batched_images: int = Field(0, description="images in those forward passes")
     swap: SwapStatus
 
 

@@ -20,7 +20,8 @@ from mve.checkpoint import save_checkpoint
 from mve.models import build_model, make_config
 
 __all__ = ["CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "SMALL_CLASSIFIER", "free_port",
-           "make_classifier", "make_vae", "png_bytes", "random_images", "archive_images"]
+           "make_classifier", "make_vae", "png_bytes", "random_images", "archive_images",
+           "haproxy_servers"]
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck"]
@@ -90,3 +91,19 @@ def archive_images(archive: str | Path, per_class: int) -> list[tuple[str, bytes
                 out.append((label, f.read()))
                 counts[label] = counts.get(label, 0) + 1
     return out
+
+
+def haproxy_servers(stats_port: int, host: str = "127.0.0.1") -> dict[str, dict[str, str]]:
+    """HAProxy's per-server statistics (``/stats;csv`` on its stats port), by server name.
+
+    Ray names the servers ``SERVE_REPLICA_<app>-<deployment>-<replica>`` for replicas reached
+    directly and ``SERVE_PROXY_ACTOR-fallback-...`` for the Python proxy it falls back to;
+    ``stot`` counts the requests each received.
+    """
+    import csv
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{host}:{stats_port}/stats;csv", timeout=10) as r:
+        text = r.read().decode()
+    rows = csv.DictReader(text.lstrip("# ").splitlines())
+    return {row["svname"]: row for row in rows if row["svname"] not in ("FRONTEND", "BACKEND")}

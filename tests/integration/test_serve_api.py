@@ -21,10 +21,12 @@ from PIL import Image
 
 from mve.checkpoint import load_checkpoint
 from mve.data import normalize
+from serve_app.dataplane import applied, embedded_env
 from serve_app.deploy import app_config, deploy, load_config
 from serve_app.testing import (
     archive_images,
     free_port,
+    haproxy_servers,
     make_classifier,
     make_vae,
     png_bytes,
@@ -40,6 +42,7 @@ class Server:
     url: str
     clf: Path
     vae: Path
+    env: dict[str, str]
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +58,16 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     port = free_port()
     base = load_config()
     cfg = app_config(base, classifier=str(clf), vae=str(vae), host="127.0.0.1", port=port)
-    secure = app_config(base, classifier=str(clf), vae=None, name="secure",
-                        route_prefix="/secure", api_key_file=str(d / "key"))
+    secure = app_config(base, classifier=str(clf), vae=None, name="secure", mount="/secure",
+                        api_key_file=str(d / "key"))
     cfg["applications"] += secure["applications"]
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    env = embedded_env()
+    with applied(env):
+        ray.init(address="local", num_cpus=2, include_dashboard=False,
+                 logging_level=logging.WARNING)
     try:
         deploy(cfg)
-        yield Server(f"http://127.0.0.1:{port}", clf, vae)
+        yield Server(f"http://127.0.0.1:{port}", clf, vae, env)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -129,6 +135,9 @@ def test_http_matches_in_process(server: Server, shared_archive: Path) -> None:
     """50 archive images: one batched request and 50 concurrent single-image requests."""
     items = archive_images(shared_archive, per_class=5)
     ckpt = load_checkpoint(server.clf)
+    served = requests.get(server.url + "/v1/models", timeout=30).json()["models"][0]
+    assert served["tta"] == "flip"  # serve_app/config.yaml's serving default, not the model's
+    ckpt.model.set_tta(served["tta"])
     pixels = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for _, b in items])
     x = normalize(torch.from_numpy(pixels).permute(0, 3, 1, 2), ckpt.preprocessing["mean"],
                   ckpt.preprocessing["std"])
@@ -208,6 +217,8 @@ def test_oip_with_tritonclient(server: Server) -> None:
     ckpt = load_checkpoint(server.clf)
     x = normalize(torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2),
                   ckpt.preprocessing["mean"], ckpt.preprocessing["std"]).numpy()
+    ckpt.model.set_tta(requests.get(server.url + "/v1/models", timeout=30).json()["models"][0][
+        "tta"])
     ref = ckpt.model.predict_proba(torch.from_numpy(x)).numpy()
     for binary in (True, False):
         inp = th.InferInput("input", list(x.shape), "FP32")
@@ -236,6 +247,48 @@ def test_oip_with_tritonclient(server: Server) -> None:
         assert exc.value.status() == status
     assert not client.is_model_ready("nope")
     client.close()
+
+
+# -- the data plane: one hop ----------------------------------------------------------------
+
+def _replica_requests(server: Server) -> dict[str, int]:
+    stats = haproxy_servers(int(server.env["RAY_SERVE_HAPROXY_STATS_PORT"]))
+    return {name: int(row["stot"] or 0) for name, row in stats.items()}
+
+
+def test_requests_reach_the_model_replica_without_the_python_proxy(server: Server) -> None:
+    """HAProxy sends each route straight to a replica of the app that runs its model; the
+    Python proxy (HAProxy's fallback server) sees none of them."""
+    before = _replica_requests(server)
+    jpeg = png_bytes(random_images(1, seed=8)[0], "JPEG")
+    for _ in range(10):
+        assert post(server, "/v1/classify", data=jpeg,
+                    headers={"Content-Type": "image/jpeg"}).status_code == 200
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                        "data": [b64(jpeg)]}]}
+    for _ in range(4):
+        assert post(server, "/v2/models/classifier/infer", json=body).status_code == 200
+    for _ in range(3):
+        assert post(server, "/v1/vae/reconstruct", data=jpeg,
+                    headers={"Content-Type": "image/jpeg"}).status_code == 200
+    after = _replica_requests(server)
+    grew = {n: after[n] - before.get(n, 0) for n in after}
+
+    def to(prefix: str) -> int:
+        return sum(v for n, v in grew.items() if n.startswith(prefix))
+    assert to("SERVE_REPLICA_classifier-Classifier-") == 10
+    assert to("SERVE_REPLICA_classifier-oip-Classifier-") == 4
+    assert to("SERVE_REPLICA_vae-VAE-") == 3
+    assert to("SERVE_PROXY_ACTOR") == 0 and to("SERVE_REPLICA_mve-Front-") == 0
+    # the replica's own port is an HTTP server that runs the model
+    import ray
+
+    cfg = Path(f"/tmp/haproxy-serve/{ray.get_runtime_context().get_node_id()}/haproxy.cfg")
+    (addr,) = [line.split()[2] for line in cfg.read_text().splitlines()
+               if line.strip().startswith("server SERVE_REPLICA_classifier-Classifier-")]
+    direct = requests.post(f"http://{addr}/v1/classify", data=jpeg, timeout=30,
+                           headers={"Content-Type": "image/jpeg"})
+    assert direct.status_code == 200 and direct.json()["model"] == "classifier"
 
 
 # -- auth, absent models, page, docs ----------------------------------------------------------
@@ -274,7 +327,9 @@ def test_page_and_docs(server: Server) -> None:
     spec = requests.get(server.url + "/openapi.json", timeout=30).json()
     body = spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
     assert {"image/png", "image/jpeg", "multipart/form-data", "application/json"} <= set(body)
-    assert "/v2/models/{model_name}/infer" in spec["paths"]
+    # every app's routes in one document (each model app declares its own OIP paths)
+    assert {"/v2/models/classifier/infer", "/v2/models/vae/infer", "/v1/vae/sample",
+            "/v1/models", "/v2/health/ready"} <= set(spec["paths"])
 
 
 # -- bad inputs: every one a 4xx with a JSON error, and the service keeps serving -------------

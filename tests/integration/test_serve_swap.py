@@ -20,6 +20,7 @@ import pytest
 import requests
 
 from mve.checkpoint import load_checkpoint
+from serve_app.dataplane import applied, embedded_env
 from serve_app.deploy import app_config, deploy, load_config, set_user_config
 from serve_app.testing import free_port, make_classifier, make_vae, png_bytes, random_images
 
@@ -52,7 +53,9 @@ def env(tmp_path_factory: pytest.TempPathFactory):
     port = free_port()
     config = app_config(load_config(), classifier=str(ckpts["c1"]), vae=None,
                         host="127.0.0.1", port=port)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    with applied(embedded_env()):
+        ray.init(address="local", num_cpus=2, include_dashboard=False,
+                 logging_level=logging.WARNING)
     try:
         deploy(config)
         yield Env(f"http://127.0.0.1:{port}", config, ckpts)
@@ -126,6 +129,9 @@ def test_hot_swap_under_traffic_drops_nothing(env: Env) -> None:
     after = info(env)
     assert after["replica"] == before["replica"], "the swap restarted the replica"
     assert after["swap"]["swaps"] == before["swap"]["swaps"] + 1
+    # the model's other application (the OIP routes) swapped too
+    oip = requests.get(env.url + "/v2/models/classifier", timeout=30).json()
+    assert oip["versions"] == [new_id]
 
 
 @pytest.mark.parametrize("bad, why", [
@@ -155,14 +161,28 @@ def test_batching_settings_apply_live(env: Env) -> None:
     r = requests.post(env.url + "/v1/classify", json={"images": [
         __import__("base64").b64encode(IMG).decode()] * 7}, timeout=30)  # 3 + 3 + 1 images
     assert r.status_code == 200 and len(r.json()["predictions"]) == 7
-    swap(env, max_batch_size=32, batch_wait_timeout_s=0.005)
+    swap(env, max_batch_size=32, batch_wait_timeout_s=0.0)
+
+
+def test_tta_and_threads_apply_live(env: Env) -> None:
+    before = info(env)
+    probs = {}
+    for mode in ("none", "flip_translate", "flip"):
+        swap(env, tta=mode, torch_threads=1)
+        wait_for(lambda m=mode: info(env)["tta"] == m)
+        r = requests.post(env.url + "/v1/classify?top_k=10", data=IMG, timeout=30,
+                          headers={"Content-Type": "image/png"})
+        probs[mode] = sorted(s["probability"] for s in r.json()["predictions"][0]["top_k"])
+    after = info(env)
+    assert after["replica"] == before["replica"] and after["torch_threads"] == 1
+    assert probs["none"] != probs["flip"] != probs["flip_translate"]  # the modes really differ
 
 
 def test_first_load_failure_fails_clearly(env: Env) -> None:
     broken = app_config(load_config(), classifier=str(env.ckpts["missing"]), vae=None,
-                        name="broken", route_prefix="/broken")
-    for dep in broken["applications"][0]["deployments"]:
-        dep["max_constructor_retry_count"] = 1  # fail after one attempt, not three
+                        name="broken", mount="/broken")
+    for app in broken["applications"][1:]:  # the model apps (the front needs no checkpoint)
+        app["deployments"][0]["max_constructor_retry_count"] = 1  # one attempt, not three
     both = {**env.config, "applications": env.config["applications"] + broken["applications"]}
     with pytest.raises(RuntimeError, match="cannot load checkpoint .*missing"):
         deploy(both, timeout_s=150)

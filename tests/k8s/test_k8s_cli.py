@@ -135,9 +135,14 @@ def test_render_serve_config_command(tmp_path):
     assert k8s_cli.main(["render-serve-config", "--out", str(out)]) == 0
     assert out.read_text() == k8s_cli.render_serve_config()
     assert k8s_cli.main(["render-serve-config", "--out", str(out), "--check"]) == 0
-    cfg = yaml.safe_load(k8s_cli.render_serve_config(checkpoint_root="s3://bucket/models"))
-    assert cfg["applications"][0]["deployments"][0]["user_config"]["checkpoint"] == \
+    text = k8s_cli.render_serve_config(checkpoint_root="s3://bucket/models")
+    assert "&" not in text and "*" not in text  # the source's anchors became plain copies
+    cfg = yaml.safe_load(text)
+    assert not [k for k in cfg if k.startswith("x-")]
+    ucs = {a["name"]: a["deployments"][0].get("user_config", {}) for a in cfg["applications"]}
+    assert ucs["classifier"]["checkpoint"] == ucs["classifier-oip"]["checkpoint"] == \
         "s3://bucket/models/classifier"
+    assert ucs["vae-oip"]["checkpoint"] == "s3://bucket/models/vae" and not ucs["mve"]
 
 
 # -- submit ------------------------------------------------------------------------------------
@@ -287,10 +292,11 @@ def test_promote_patches_only_the_checkpoint(fake):
     assert crd_errors(sent) == [] and kuberay_semantic_errors(sent) == []
     old_cfg = yaml.safe_load(before["spec"]["serveConfigV2"])
     new_cfg = yaml.safe_load(after["spec"]["serveConfigV2"])
-    deps = {d["name"]: d for d in new_cfg["applications"][0]["deployments"]}
-    assert deps["Classifier"]["user_config"]["checkpoint"] == ckpt
-    assert deps["VAE"]["user_config"]["checkpoint"] == "/mnt/cluster_storage/models/vae"
-    deps["Classifier"]["user_config"]["checkpoint"] = "/mnt/cluster_storage/models/classifier"
+    deps = {a["name"]: a["deployments"][0] for a in new_cfg["applications"]}
+    for app in ("classifier", "classifier-oip"):  # both apps of the model, together
+        assert deps[app]["user_config"]["checkpoint"] == ckpt
+        deps[app]["user_config"]["checkpoint"] = "/mnt/cluster_storage/models/classifier"
+    assert deps["vae"]["user_config"]["checkpoint"] == "/mnt/cluster_storage/models/vae"
     assert new_cfg == old_cfg  # nothing else changed: an in-place, user_config-only update
     assert after["spec"]["rayClusterConfig"] == before["spec"]["rayClusterConfig"]
     from ray.serve.schema import ServeDeploySchema
@@ -320,12 +326,17 @@ def test_promote_conflict_and_ambiguity(fake):
 def test_promote_serve_config_unit():
     text = k8s_cli.render_serve_config()
     new, changed = k8s_cli.promote_serve_config(text, "s3://b/vae-7", model="vae")
-    assert changed == ["VAE"]
+    assert changed == ["vae/VAE", "vae-oip/VAE"]
+    new, changed = k8s_cli.promote_serve_config(text, "s3://b/c", model="classifier",
+                                                app="classifier-oip")
+    assert changed == ["classifier-oip/Classifier"]  # --app: that application only
+    with pytest.raises(k8s_cli.K8sError, match="no application 'nope'"):
+        k8s_cli.promote_serve_config(text, "/ck", model="vae", app="nope")
     only_vae = yaml.safe_load(text)
-    only_vae["applications"][0]["deployments"] = [
-        d for d in only_vae["applications"][0]["deployments"] if d["name"] != "Classifier"]
+    only_vae["applications"] = [a for a in only_vae["applications"]
+                                if (a.get("args") or {}).get("model") != "classifier"]
     new, changed = k8s_cli.promote_serve_config(yaml.safe_dump(only_vae), "/ck")
-    assert changed == ["VAE"]  # the one model: --model not needed
+    assert changed == ["vae/VAE", "vae-oip/VAE"]  # the one model: --model not needed
     with pytest.raises(k8s_cli.K8sError, match="no classifier deployment"):
         k8s_cli.promote_serve_config(yaml.safe_dump(only_vae), "/ck", model="classifier")
     with pytest.raises(k8s_cli.K8sError, match="no serveConfigV2"):
@@ -341,10 +352,13 @@ def test_status_reads_the_three_kinds(fake):
         "conditions": [{"type": "Ready", "status": "True"},
                        {"type": "UpgradeInProgress", "status": "False"}],
         "numServeEndpoints": 2,
-        "activeServiceStatus": {"rayClusterName": "mve-x7k2p", "applicationStatuses": {"mve": {
-            "status": "RUNNING", "serveDeploymentStatuses": {
-                "Classifier": {"status": "HEALTHY"}, "VAE": {"status": "UPDATING"},
-                "Ingress": {"status": "HEALTHY"}}}}}}
+        "activeServiceStatus": {"rayClusterName": "mve-x7k2p", "applicationStatuses": {
+            "mve": {"status": "RUNNING",
+                    "serveDeploymentStatuses": {"Front": {"status": "HEALTHY"}}},
+            "classifier": {"status": "RUNNING",
+                           "serveDeploymentStatuses": {"Classifier": {"status": "HEALTHY"}}},
+            "vae": {"status": "DEPLOYING",
+                    "serveDeploymentStatuses": {"VAE": {"status": "UPDATING"}}}}}}
     cluster.objects[(RAYCLUSTERS, "mve-cluster")]["status"] = {
         "state": "ready", "availableWorkerReplicas": 1, "desiredWorkerReplicas": 1,
         "head": {"podName": "mve-cluster-head-abcde"}}
@@ -354,8 +368,9 @@ def test_status_reads_the_three_kinds(fake):
         ("GET", RAYCLUSTERS), ("GET", RAYJOBS), ("GET", RAYSERVICES)]
     (s,) = summary["rayservices"]
     assert s["conditions"] == {"Ready": "True", "UpgradeInProgress": "False"}
-    assert s["applications"]["mve"]["deployments"]["VAE"] == "UPDATING"
-    assert s["checkpoints"]["mve/Classifier"] == "/mnt/cluster_storage/models/classifier"
+    assert s["applications"]["vae"]["deployments"]["VAE"] == "UPDATING"
+    assert s["checkpoints"]["classifier/Classifier"] == "/mnt/cluster_storage/models/classifier"
+    assert s["checkpoints"]["vae-oip/VAE"] == "/mnt/cluster_storage/models/vae"
     assert summary["rayjobs"][0]["deployment"] == "Suspended"
     assert summary["rayclusters"][0]["workers"] == "1/1"
     text = out.getvalue()

@@ -263,6 +263,21 @@ def test_committed_serve_config_is_generated_from_serve_app_config():
     assert k8s_cli.write_serve_config(check=True, validate=False)
 
 
+def test_every_ray_container_runs_the_serving_data_plane(docs):
+    """The RayService's pods carry serve_app/dataplane.py's environment (HAProxy straight to
+    the model replicas), with the launcher at its path in the image built by the Dockerfile."""
+    from serve_app.dataplane import IMAGE_HAPROXY_LAUNCHER, cluster_env
+
+    svc = one(docs, "RayService", "mve")
+    dockerfile = (K8S.parent / "Dockerfile").read_text()
+    assert "--editable ." in dockerfile and "WORKDIR /home/ray/mve" in dockerfile
+    assert IMAGE_HAPROXY_LAUNCHER == "/home/ray/mve/serve_app/haproxy.sh"
+    for _, g in groups(svc["spec"]["rayClusterConfig"]):
+        (container,) = g["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert {k: env.get(k) for k in cluster_env()} == cluster_env(), container["name"]
+
+
 def test_rayservice_serve_config_is_the_generated_one(docs):
     svc = one(docs, "RayService", "mve")
     assert svc["spec"]["serveConfigV2"] == k8s_cli.render_serve_config()
@@ -276,7 +291,7 @@ def test_rayservice_serve_config_is_the_generated_one(docs):
 def test_serve_config_validates_with_rays_schema_and_imports(docs):
     from ray.serve.schema import ServeDeploySchema
 
-    from serve_app.schemas import AppArgs
+    from serve_app.schemas import FrontArgs, ModelArgs
 
     text = one(docs, "RayService")["spec"]["serveConfigV2"]
     schema = ServeDeploySchema.model_validate(yaml.safe_load(text))
@@ -284,10 +299,7 @@ def test_serve_config_validates_with_rays_schema_and_imports(docs):
     for app in schema.applications:
         module, _, attr = app.import_path.partition(":")
         assert callable(getattr(importlib.import_module(module), attr))
-        args = AppArgs.model_validate(app.args)
-        for model in ("classifier", "vae"):
-            path = getattr(args, model)
-            assert path is None or path.startswith(f"{STORAGE}/models/")
+        (ModelArgs if "model" in app.args else FrontArgs).model_validate(app.args)
         for dep in app.deployments:
             uc = dep.user_config if isinstance(dep.user_config, dict) else {}  # or DEFAULT
             if "checkpoint" in uc:

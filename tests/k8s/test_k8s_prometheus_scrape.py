@@ -233,6 +233,7 @@ def test_prometheus_reads_training_and_serving_metrics(prometheus_exe, tmp_path)
 
     from cluster.train import ClusterConfig, run_training
     from mve.config import load_train_config
+    from serve_app.dataplane import applied, embedded_env
     from serve_app.deploy import APP_NAME, app_config, deploy, load_config
 
     metrics_port, serve_port = free_port(), free_port()
@@ -241,8 +242,9 @@ def test_prometheus_reads_training_and_serving_metrics(prometheus_exe, tmp_path)
     archive = tiny_archive(tmp_path / "data")
     old_interval = os.environ.get("RAY_metrics_report_interval_ms")
     os.environ["RAY_metrics_report_interval_ms"] = "1000"  # inherited by raylet and workers
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
-             _metrics_export_port=metrics_port)
+    with applied(embedded_env()):  # the serving data plane, as on the RayService
+        ray.init(address="local", num_cpus=2, include_dashboard=False,
+                 _metrics_export_port=metrics_port)
     prom = None
     try:
         prom = Prometheus(prometheus_exe, tmp_path, scrape_configs(ports))
@@ -285,12 +287,16 @@ def test_prometheus_reads_training_and_serving_metrics(prometheus_exe, tmp_path)
         states = last(f'ray_train_controller_state{{{sel},ray_train_run_name="{RUN}"}}')
         assert "RUNNING" in {r["metric"]["ray_train_controller_state"] for r in states}
 
+        # HAProxy's request log becomes Serve's HTTP metrics, by the application that answered:
+        # the classifier app for /v1/classify, the front for /v1/models
+        def count(rs: list[dict], app: str) -> float:
+            return sum(float(r["value"][1]) for r in rs if r["metric"].get("application") == app)
+
         requests = prom.wait_for(
             f'sum by (application, status_code) (ray_serve_num_http_requests_total{{{sel}}})',
-            pred=lambda rs: sum(float(r["value"][1]) for r in rs
-                                if r["metric"].get("application") == APP_NAME) >= 7)
-        assert {r["metric"]["status_code"] for r in requests} >= {"200"}
-        prom.wait_for(f'ray_serve_http_request_latency_ms_bucket{{{sel},application="{APP_NAME}"}}')
+            pred=lambda rs: count(rs, "classifier") >= 6 and count(rs, APP_NAME) >= 1)
+        assert {r["metric"]["status_code"] for r in requests} >= {"200", "400"}
+        prom.wait_for(f'ray_serve_http_request_latency_ms_bucket{{{sel},application="classifier"}}')
         prom.wait_for(f'ray_serve_autoscaling_target_replicas{{{sel},deployment="Classifier"}}')
         prom.wait_for(f'ray_mve_http_requests_total{{{sel},route="/v1/classify"}}')
         prom.wait_for(f'ray_mve_model_forward_latency_ms_bucket{{{sel},model="classifier"}}')
@@ -314,8 +320,8 @@ def test_prometheus_reads_training_and_serving_metrics(prometheus_exe, tmp_path)
         last(f'mve:train_images_per_second:max{{run="{RUN}"}}')
         running = prom.wait_for(f'max_over_time(mve:train_run:running{{run="{RUN}"}}[10m])')
         assert float(running[0]["value"][1]) == 1.0  # it was RUNNING while it trained
-        prom.wait_for(f'mve:serve_http_requests:rate5m{{application="{APP_NAME}"}}')
-        prom.wait_for(f'mve:serve_http_latency_ms:p99_5m{{application="{APP_NAME}"}}')
+        prom.wait_for('mve:serve_http_requests:rate5m{application="classifier"}')
+        prom.wait_for('mve:serve_http_latency_ms:p99_5m{application="classifier"}')
         prom.wait_for('mve:serve_replicas:target{deployment="Classifier"}')
         prom.wait_for('mve:serve_replicas:healthy{deployment="Classifier"}')
         rules = prom.get("/api/v1/rules")["data"]["groups"]

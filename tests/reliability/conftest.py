@@ -71,21 +71,25 @@ def serve_instance() -> Iterator[Callable[[dict[str, Any]], str]]:
     import ray
     from ray import serve
 
+    from serve_app.dataplane import applied, embedded_env
     from serve_app.deploy import deploy
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     started = False
+    dataplane = embedded_env()  # mve serve's data plane: HAProxy, one hop per request
 
     def start(config: dict[str, Any]) -> str:
         nonlocal started
         if not started:
-            ray.init(address="local", num_cpus=2, include_dashboard=False,
-                     logging_level=logging.WARNING, log_to_driver=False)
+            with applied(dataplane):
+                ray.init(address="local", num_cpus=2, include_dashboard=False,
+                         logging_level=logging.WARNING, log_to_driver=False)
             started = True
         deploy(config, timeout_s=300)
         http = config["http_options"]
         return f"http://{http['host']}:{http['port']}"
 
+    start.env = dataplane  # type: ignore[attr-defined]  (e.g. HAProxy's stats port)
     try:
         yield start
     finally:

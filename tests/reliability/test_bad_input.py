@@ -31,7 +31,7 @@ import pytest
 import requests
 from PIL import Image
 
-from serve_app.deploy import app_config, load_config
+from serve_app.deploy import app_config, fixed_replicas, load_config
 from serve_app.testing import free_port, make_classifier, make_vae, png_bytes, random_images
 
 pytestmark = pytest.mark.ray
@@ -42,9 +42,11 @@ WORKERS = 4
 TIMEOUT_S = 60.0
 RSS_GROWTH_LIMIT_MIB = 256
 LIMIT = 4 * 1024 * 1024  # max_body_bytes in serve_app/config.yaml
-SERVER_CLASSES = {"ingress": "ServeReplica:mve:Ingress", "classifier":
-                  "ServeReplica:mve:Classifier", "vae": "ServeReplica:mve:VAE",
-                  "proxy": "ProxyActor"}
+SERVER_CLASSES = {"front": "ServeReplica:mve:Front",
+                  "classifier": "ServeReplica:classifier:Classifier",
+                  "classifier-oip": "ServeReplica:classifier-oip:Classifier",
+                  "vae": "ServeReplica:vae:VAE", "vae-oip": "ServeReplica:vae-oip:VAE",
+                  "haproxy-manager": "HAProxyManager"}
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +55,7 @@ def url(serve_instance, tmp_path_factory: pytest.TempPathFactory) -> str:
     config = app_config(load_config(), classifier=str(make_classifier(d / "clf", seed=1)),
                         vae=str(make_vae(d / "vae", seed=2)), host="127.0.0.1",
                         port=free_port())
-    for dep in config["applications"][0]["deployments"]:  # one replica each: stable RSS
-        dep["autoscaling_config"].update(min_replicas=1, max_replicas=1, initial_replicas=1)
-    return serve_instance(config)
+    return serve_instance(fixed_replicas(config, 1))  # one replica each: stable RSS
 
 
 # -- the malformed requests ------------------------------------------------------------------

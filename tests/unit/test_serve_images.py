@@ -15,7 +15,6 @@ from PIL import Image
 
 from mve.data import normalize
 from serve_app import oip
-from serve_app.deploy import app_config, load_config, set_user_config
 from serve_app.errors import ApiError
 from serve_app.images import (
     decode_base64,
@@ -25,8 +24,8 @@ from serve_app.images import (
     preprocess,
     to_uint8_hwc,
 )
-from serve_app.parsing import top_k_predictions
-from serve_app.schemas import AppArgs, Limits
+from serve_app.parsing import classify_body
+from serve_app.schemas import ClassifyResponse, Limits
 from serve_app.testing import png_bytes, random_images
 
 LIMITS = Limits()
@@ -123,9 +122,14 @@ def test_grid_and_top_k() -> None:
     grid = make_grid(np.zeros((5, 8, 8, 3), np.uint8), pad=2)
     assert grid.shape == (2 + 2 * 10, 2 + 3 * 10, 3)
     probs = np.array([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]], np.float32)
-    preds = top_k_predictions(probs, ["a", "b", "c"], 5)
-    assert [p.label for p in preds] == ["b", "a"]
+    body = ClassifyResponse.model_validate_json(classify_body(probs, ["a", "b", "c"], 5, "c-1"))
+    preds = body.predictions
+    assert body.checkpoint_id == "c-1" and [p.label for p in preds] == ["b", "a"]
     assert [s.label for s in preds[1].top_k] == ["a", "c", "b"]
+    assert [s.index for s in preds[1].top_k] == [0, 2, 1]
+    assert preds[0].probability == pytest.approx(0.7) and len(preds[0].top_k) == 3
+    two = ClassifyResponse.model_validate_json(classify_body(probs, ["a", "b", "c"], 2, "c-1"))
+    assert [len(p.top_k) for p in two.predictions] == [2, 2]
 
 
 # -- Open Inference Protocol codec --------------------------------------------------------------
@@ -223,24 +227,6 @@ def test_bounded_decompression() -> None:
     for enc, body in (("br", b"x"), ("gzip", b"not gzip")):
         with pytest.raises(ApiError):
             oip.decompress_body(body, enc, 4096)
-
-
-def test_app_args_and_config_editing() -> None:
-    args = AppArgs.model_validate({"classifier": "/c", "max_images": "8", "vae": " "})
-    assert args.vae is None and args.limits().max_images == 8
-    with pytest.raises(ValueError):
-        AppArgs.model_validate({"classifier": "/c", "unknown": 1})
-    cfg = app_config(load_config(), classifier="/ckpt/c", vae=None, port=9000,
-                     max_batch_size=4)
-    app = cfg["applications"][0]
-    names = [d["name"] for d in app["deployments"]]
-    assert names == ["Classifier", "Ingress"] and "vae" not in app["args"]
-    assert app["deployments"][0]["user_config"] == {
-        "checkpoint": "/ckpt/c", "max_batch_size": 4, "batch_wait_timeout_s": 0.005}
-    assert cfg["http_options"]["port"] == 9000
-    swapped = set_user_config(cfg, "classifier", checkpoint="/ckpt/d")
-    assert swapped["applications"][0]["deployments"][0]["user_config"]["checkpoint"] == "/ckpt/d"
-    assert app["deployments"][0]["user_config"]["checkpoint"] == "/ckpt/c"  # a copy
 
 
 def test_load_model_checks_family(tmp_path) -> None:

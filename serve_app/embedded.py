@@ -1,0 +1,188 @@
+"""``mve serve``: the mve applications on an embedded Ray (or a running cluster).
+
+    mve serve                                    # the shipped models, http://127.0.0.1:8000/
+    mve serve --classifier runs/clf --tta none --max-batch-size 64 --port 8080
+
+An embedded Ray gets the data-plane environment of :mod:`serve_app.dataplane` (HAProxy on the
+HTTP port, one Python process per request); ``--address`` uses the cluster's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from serve_app.dataplane import embedded_env
+
+__all__ = ["add_serve_arguments", "apply_default_models", "serve_command", "user_error"]
+
+
+def user_error(message: str) -> Exception:
+    """The command line's one-line error (``mve.commands.UserError``; imported lazily)."""
+    from mve.commands import UserError
+
+    return UserError(message)
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``mve serve``."""
+    p.add_argument("--classifier", metavar="DIR", help="classifier checkpoint directory or URI")
+    p.add_argument("--vae", metavar="DIR", help="VAE checkpoint directory or URI")
+    p.add_argument("--no-defaults", action="store_true",
+                   help="do not fall back to the shipped models/cifar10-classifier and "
+                        "models/cifar10-vae for a model that is not given")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="HTTP bind address (default 127.0.0.1; 0.0.0.0 to listen on all)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--metrics-port", type=int, metavar="P",
+                   help="Prometheus export port of the embedded Ray (/metrics)")
+    p.add_argument("--address", help="join this Ray cluster instead of starting one (e.g. auto); "
+                                      "checkpoint paths must then exist on its nodes, or be URIs")
+    p.add_argument("--api-key-file", metavar="F", help="require this API key on inference "
+                   "routes (else $MVE_API_KEY when set; else the routes are open)")
+    p.add_argument("--config", metavar="YAML", help="Serve config to start from "
+                   "(default serve_app/config.yaml)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray (default: all)")
+    tuning = p.add_argument_group("model serving options (each model's user_config; the "
+                                  "defaults are serve_app/config.yaml's)")
+    tuning.add_argument("--tta", choices=["none", "flip", "flip_translate"],
+                        help="classifier test-time augmentation: flip (the default) costs 2x "
+                             "the compute of none, flip_translate 6x (see BENCHMARKS.md)")
+    tuning.add_argument("--max-batch-size", type=int, help="images per forward pass (32)")
+    tuning.add_argument("--batch-wait-timeout-s", type=float,
+                        help="how long a batch that is not full may wait for more requests "
+                             "while none is queued (0: greedy, the default)")
+    tuning.add_argument("--torch-threads", type=int,
+                        help="torch threads per model replica (default: Ray's, 1 per CPU it "
+                             "reserves)")
+
+
+def _local_path(value: str | None, check: bool) -> str | None:
+    """Absolute path for a local checkpoint (replicas run elsewhere); URIs unchanged.
+
+    With ``check`` (embedded Ray) the checkpoint is validated here, before Ray starts.
+    """
+    if value is None or urlparse(value).scheme not in ("", "file"):
+        return value
+    path = Path(urlparse(value).path if value.startswith("file:") else value).expanduser()
+    if check:
+        from mve.checkpoint import read_meta
+
+        read_meta(path)  # a clear CheckpointError before anything starts
+    return str(path.resolve())
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _save_config(config: dict[str, Any], port: int) -> Path:
+    """Writes the effective Serve config (what ``serve deploy`` needs for an in-place update);
+    removed again when ``mve serve`` stops."""
+    import tempfile
+
+    import yaml
+
+    path = Path(tempfile.gettempdir()) / f"mve-serve-{port}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def apply_default_models(args: argparse.Namespace) -> argparse.Namespace:
+    """Fills a missing ``--classifier``/``--vae`` with the shipped default checkpoint
+    (``models/cifar10-*``, see :mod:`mve.pretrained`) unless ``--no-defaults``."""
+    if getattr(args, "no_defaults", False):
+        return args
+    from mve.pretrained import default_classifier, default_vae
+
+    for kind, find in (("classifier", default_classifier), ("vae", default_vae)):
+        if not getattr(args, kind, None):
+            found = find()
+            if found is not None:
+                setattr(args, kind, str(found))
+                print(f"mve serve: {kind}: the shipped default {found}", file=sys.stderr)
+    return args
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """Runs the app on an embedded local Ray (or ``--address``) until SIGINT/SIGTERM."""
+    apply_default_models(args)
+    if not args.classifier and not args.vae:
+        raise user_error("give --classifier DIR and/or --vae DIR (no shipped default "
+                          "checkpoints in models/cifar10-classifier or models/cifar10-vae)")
+    from serve_app.deploy import app_config, deploy, load_config
+
+    key_file = str(Path(args.api_key_file).expanduser().resolve()) if args.api_key_file else None
+    if key_file and args.address is None and not Path(key_file).is_file():
+        raise user_error(f"API key file {key_file} does not exist")
+    local = args.address is None
+    config = app_config(load_config(args.config),
+                        classifier=_local_path(args.classifier, check=local),
+                        vae=_local_path(args.vae, check=local), host=args.host, port=args.port,
+                        api_key_file=key_file, max_batch_size=args.max_batch_size,
+                        batch_wait_timeout_s=args.batch_wait_timeout_s, tta=args.tta,
+                        torch_threads=args.torch_threads)
+    if local:  # a cluster (--address) brings its own data-plane environment
+        os.environ.update(embedded_env())
+    import ray
+    from ray import serve
+
+    init: dict[str, Any] = {"address": args.address or "local", "namespace": "serve",
+                            "logging_level": logging.WARNING}
+    if local:
+        init.update(num_cpus=args.num_cpus, _metrics_export_port=args.metrics_port)
+    elif args.metrics_port is not None:
+        print("mve serve: --metrics-port only applies to the embedded Ray; the cluster's "
+              "nodes export metrics on their own port", file=sys.stderr)
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in signals}
+    saved: Path | None = None
+    try:
+        context = ray.init(**init)
+        for s in signals:
+            signal.signal(s, _raise_interrupt)
+        try:
+            deploy(config)
+        except RuntimeError as exc:  # the app failed to start, e.g. an unloadable checkpoint
+            raise user_error(str(exc)) from None
+        host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        url = f"http://{host}:{args.port}/"
+        print(f"mve serve: {url} (API docs {url}docs, Open Inference Protocol {url}v2)",
+              flush=True)
+        if local and args.metrics_port:
+            print(f"mve serve: metrics http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
+        if local and getattr(context, "dashboard_url", None):
+            saved = _save_config(config, args.port)
+            print(f"mve serve: to hot-swap a model, edit user_config.checkpoint in {saved} and "
+                  f"run `RAY_AUTH_MODE=token serve deploy {saved} -a "
+                  f"http://{context.dashboard_url}`", flush=True)
+        print("mve serve: Ctrl-C to stop", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("mve serve: stopping", file=sys.stderr, flush=True)
+    finally:
+        for s in signals:
+            signal.signal(s, signal.SIG_IGN)
+        if saved is not None:
+            saved.unlink(missing_ok=True)
+        try:
+            if ray.is_initialized() and local:
+                serve.shutdown()
+            elif ray.is_initialized():
+                for app in config["applications"]:
+                    serve.delete(app["name"])
+        finally:
+            ray.shutdown()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+    return 0
+
+

@@ -1,0 +1,147 @@
+"""The VAE's Serve deployment: it receives the HTTP request and runs the model.
+
+Routes (full paths; the app is deployed twice, see :mod:`serve_app.app`):
+``POST /v1/vae/{reconstruct,sample,variations,interpolate}`` (PNG, a grid for several images,
+or base64 JSON) and the Open Inference Protocol under ``/v2/models/vae``
+(:mod:`serve_app.oip_routes`). Reconstructions are batched; sampling, variations and
+interpolations run one request at a time on the model thread.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see real classes (e.g. `Request`).
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import Request
+from ray import serve
+from starlette.responses import Response
+
+from serve_app import parsing as P
+from serve_app.api import ERRORS, PNG_RESPONSES, current_server, image_body, new_app
+from serve_app.errors import ApiError
+from serve_app.images import preprocess, to_uint8_hwc
+from serve_app.loading import LoadedModel
+from serve_app.model_server import ModelServer
+from serve_app.oip import InferRequest
+from serve_app.oip_routes import add_oip_routes
+from serve_app.schemas import (
+    ImagesJSON,
+    InterpolateParams,
+    NoParams,
+    SampleParams,
+    VariationParams,
+)
+
+__all__ = ["app", "VAEServer"]
+
+app = new_app("mve VAE")
+
+
+def _server() -> "VAEServer":
+    return current_server()
+
+
+def _check_n(n: int, limit: int, what: str = "n") -> None:
+    if n > limit:
+        raise ApiError(422, "invalid_parameter", f"{what} must be <= {limit}")
+
+
+@app.post("/v1/vae/reconstruct", responses={**ERRORS, **PNG_RESPONSES},
+          openapi_extra=image_body(ImagesJSON))
+async def reconstruct(request: Request) -> Response:
+    """VAE reconstructions of one or many images."""
+    server = _server()
+    as_json = P.wants_json(request)
+    blobs, fields = await P.parse_images(request, server.limits)
+    P.validate(NoParams, fields)
+    model = server.current()
+    y = await server.reconstruct(model, await server.decode(blobs))
+    return P.render_images(to_uint8_hwc(y, model.preprocessing), model.id, as_json=as_json)
+
+
+@app.post("/v1/vae/sample", responses={**ERRORS, **PNG_RESPONSES},
+          openapi_extra={"requestBody": {"required": False, "content": {
+              "application/json": {"schema": SampleParams.model_json_schema()}}}})
+async def sample(request: Request) -> Response:
+    """``n`` samples from the prior (JSON body or query: n, temperature, seed)."""
+    server = _server()
+    as_json = P.wants_json(request)
+    p = P.validate(SampleParams, await P.parse_params(request, server.limits))
+    _check_n(p.n, server.limits.max_samples)
+    return await server.generate("sample", as_json, lambda m: m.ckpt.model.sample(
+        p.n, temperature=p.temperature, seed=p.seed))
+
+
+@app.post("/v1/vae/variations", responses={**ERRORS, **PNG_RESPONSES},
+          openapi_extra=image_body(VariationParams))
+async def variations(request: Request) -> Response:
+    """``n`` variations of one image (options: n, temperature, seed)."""
+    server = _server()
+    as_json = P.wants_json(request)
+    blobs, fields = await P.parse_images(request, server.limits)
+    P.check_count(blobs, 1, "variations")
+    p = P.validate(VariationParams, fields)
+    _check_n(p.n, server.limits.max_samples)
+    (image,) = await server.decode(blobs)
+
+    def run(m: LoadedModel) -> torch.Tensor:
+        x = preprocess([image], m.preprocessing)
+        return m.ckpt.model.variations(x[0], p.n, temperature=p.temperature, seed=p.seed)
+    return await server.generate("variations", as_json, run)
+
+
+@app.post("/v1/vae/interpolate", responses={**ERRORS, **PNG_RESPONSES},
+          openapi_extra=image_body(InterpolateParams))
+async def interpolate(request: Request) -> Response:
+    """``steps`` images between two images (options: steps, method)."""
+    server = _server()
+    as_json = P.wants_json(request)
+    blobs, fields = await P.parse_images(request, server.limits)
+    P.check_count(blobs, 2, "interpolate")
+    p = P.validate(InterpolateParams, fields)
+    _check_n(p.steps, server.limits.max_steps, "steps")
+    a, b = await server.decode(blobs)
+
+    def run(m: LoadedModel) -> torch.Tensor:
+        x = preprocess([a, b], m.preprocessing)
+        return m.ckpt.model.interpolate(x[0], x[1], p.steps, method=p.method)
+    return await server.generate("interpolate", as_json, run, nrow=p.steps)
+
+
+# Before the class: @serve.ingress takes the app's routes as they are when it runs.
+add_oip_routes(app, "vae")
+
+
+@serve.deployment(
+    name="VAE", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.25},
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
+    health_check_period_s=10, graceful_shutdown_timeout_s=20)
+@serve.ingress(app)
+class VAEServer(ModelServer):
+    """The conv VAE behind its own routes: batched reconstructions, generation, hot swap."""
+
+    kind = "vae"
+
+    def _forward(self, model: LoadedModel, x: torch.Tensor) -> torch.Tensor:
+        return model.ckpt.model.reconstruct(x).float()
+
+    async def reconstruct(self, model: LoadedModel, images: list[np.ndarray]) -> torch.Tensor:
+        """Model-space reconstructions (posterior mean) of decoded images."""
+        return await self.predict(model, await self.prepare(model, images))
+
+    async def generate(self, method: str, as_json: bool, fn: Any,
+                       nrow: int | None = None) -> Response:
+        """``fn(model)`` on the model thread, rendered as PNG or JSON images."""
+        model = self.current()
+        y = await self.compute(method, fn, model)
+        return P.render_images(to_uint8_hwc(y, model.preprocessing), model.id,
+                               as_json=as_json, nrow=nrow)
+
+    async def oip_result(self, req: InferRequest) -> dict[str, Any]:
+        """The VAE's answer to a parsed OIP request (``serve_app.oip.outputs_for``)."""
+        model = self.current()
+        if req.images is not None:
+            y = await self.reconstruct(model, await self.decode(req.images))
+        else:
+            y = await self.predict(model, self.check_tensor(model, req.tensor))
+        return {"checkpoint_id": model.id, "reconstruction": y.numpy()}
