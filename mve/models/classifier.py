@@ -20,8 +20,8 @@ for inference-time probabilities.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -32,6 +32,7 @@ Activation = Literal["mish", "relu", "gelu", "silu"]
 Pooling = Literal["fractional", "max", "avg"]
 Arch = Literal["geometric", "convgroups"]
 TTA = Literal["none", "flip", "flip_translate"]
+TTA_MODES: tuple[str, ...] = get_args(TTA)  # eval-time views: 1, 2, 6
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "mish": nn.Mish,
@@ -100,6 +101,8 @@ class ClassifierConfig:
                      "input_size", "in_channels", "num_classes", "final_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.tta not in TTA_MODES:
+            raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {self.tta!r}")
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
         if self.final_size > self.input_size:
@@ -255,6 +258,10 @@ class Classifier(nn.Module):
             return self.logits(x)
         return tta_logits(self.logits, x, self.config.tta)
 
+    def set_tta(self, mode: str) -> None:
+        """Switches the eval-time TTA (per replica: accuracy vs speed); unknown mode: ValueError."""
+        self.config = replace(self.config, tta=mode)  # frozen; __post_init__ checks the mode
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features [B, D] (the head's input; one view), e.g. for FID-style metrics."""
         if self.config.arch == "convgroups":
@@ -285,19 +292,28 @@ class Classifier(nn.Module):
         return self.forward(x).softmax(dim=-1)
 
 
-def tta_logits(fn, x: torch.Tensor, mode: str) -> torch.Tensor:
-    """airbench's TTA: the mean of the logits of ``x`` and its mirror; ``flip_translate`` also
-    averages (weight 1/2) the mirrored pairs of two 1-pixel translations (reflect padding)."""
-    def mirrored(v: torch.Tensor) -> torch.Tensor:
-        return 0.5 * (fn(v) + fn(v.flip(-1)))
+# Most images per TTA forward call. A small batch runs all its views in one call (1 image: one
+# batch-6 forward, ~3x a batch-1 forward, not 6x); a big one in even chunks, as CPU time per
+# image is least at ~32-96 per call (shipped net, 2 threads: 0.70 ms; 0.82 at 128, 1.0 at 256).
+TTA_MAX_BATCH = 64
 
-    out = mirrored(x)
-    if mode == "flip":
-        return out
-    h, w = x.shape[-2:]
-    padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
-    shifted = [padded[..., 0:h, 0:w], padded[..., 2:h + 2, 2:w + 2]]
-    return 0.5 * out + 0.25 * (mirrored(shifted[0]) + mirrored(shifted[1]))
+
+def tta_logits(fn, x: torch.Tensor, mode: str, max_batch: int = TTA_MAX_BATCH) -> torch.Tensor:
+    """airbench's TTA: the mean of the logits of ``x`` and its mirror; ``flip_translate`` also
+    averages (weight 1/2) the mirrored pairs of two 1-pixel translations (reflect padding). All
+    views share ``ceil(views * B / max_batch)`` calls of ``fn``: exact if ``fn`` treats samples
+    independently, as an eval-mode net does (BatchNorm uses its running statistics)."""
+    if mode not in ("flip", "flip_translate"):
+        raise ValueError(f"tta_logits mode must be 'flip' or 'flip_translate', got {mode!r}")
+    views, weights = [x, x.flip(-1)], [0.5, 0.5]
+    if mode == "flip_translate":
+        padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+        for s in (padded[..., :-2, :-2], padded[..., 2:, 2:]):
+            views += [s, s.flip(-1)]
+        weights = [0.25, 0.25, 0.125, 0.125, 0.125, 0.125]
+    batch = torch.cat(views)
+    out = torch.cat([fn(c) for c in batch.tensor_split(max(1, -(-len(batch) // max_batch)))])
+    return sum(a * o for a, o in zip(weights, out.unflatten(0, (len(views), len(x))), strict=True))
 
 
 class DiracConv2d(nn.Conv2d):
