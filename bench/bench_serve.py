@@ -1,260 +1,238 @@
-"""Serving benchmark: mve on Ray Serve (dynamic batching on/off) vs a minimal FastAPI server.
+"""Serving benchmark: mve against what users would run instead, side by side in one run.
 
-    python bench/bench_serve.py                       # ~3 min on 2 CPUs; prints a markdown table
-    python bench/bench_serve.py --out bench-serve.md --duration 8
+    python bench/bench_serve.py                                   # ~30 min on 2 cores
+    python bench/bench_serve.py --tta flip_translate none --out bench-serve.md
+    python bench/bench_serve.py --setups mve bare-batched --rounds 1 --duration 3   # a smoke run
 
-Closed-loop load (``aiohttp``, N concurrent clients sending back to back) on loopback against:
+Every setup of :mod:`serve_setups` serves the shipped classifier (``models/cifar10-classifier``)
+with the same test-time augmentation; ``wrk`` (C, closed loop, one thread) sends single-image
+requests in three formats: ``raw`` (``POST /v1/classify``, image/jpeg), ``json`` (the same, base64
+JSON) and ``oip`` (``POST /v2/models/classifier/infer``, the Open Inference Protocol with Triton's
+binary extension, as ``tritonclient`` sends it), at each concurrency. The image is a real
+CIFAR-10 JPEG from the shared archive.
 
-- **serve, batched**: ``serve_app/config.yaml`` with 1 ingress + 1 classifier replica,
-  ``@serve.batch`` (``max_batch_size=32``, ``batch_wait_timeout_s=0.005``);
-- **serve, unbatched**: the same app after an in-place ``user_config`` update to
-  ``max_batch_size=1`` (the live ``set_max_batch_size`` path);
-- **fastapi baseline**: one uvicorn process, one ``async`` route decoding the PNG and running the
-  same checkpoint with torch (no batching, no Ray), written below.
-
-Each measures single-image ``POST /v1/classify`` (raw PNG) at concurrency 1, 8 and 32, and
-images/s for requests of 64 images (base64 JSON). The model is the default-architecture
-classifier (untrained weights; compute is what matters). Client and servers share the machine,
-so absolute numbers are a lower bound; the comparison is what the table is for.
+Interleaved: each round starts the setups one at a time in a new random order, measures every
+format and concurrency (1 s warm-up, then ``--duration`` s), and stops it; the table gives the
+median over rounds of req/s, p50/p99 latency, errors, the mean batch size the server reported
+and the server's CPU-ms per request (all its processes, from /proc), and each mve figure's ratio
+to the fastest peer. The run aborts when the machine is busy: before it starts (load average)
+and during each measurement (CPU used by processes that are neither the server nor wrk).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
-import io
 import json
-import logging
 import os
 import platform
-import statistics
-import subprocess
+import random
 import sys
 import tempfile
 import time
-import urllib.request
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-from fastapi import Request  # at module level: FastAPI resolves the (string) annotation here
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import serve_setups as S  # noqa: E402
+from proc_cpu import CpuMeter  # noqa: E402
+from wrk import run_wrk  # noqa: E402
 
-
-# -- the baseline server ---------------------------------------------------------------------
-
-def run_baseline_server(port: int, checkpoint: str, threads: int) -> None:
-    """A minimal FastAPI + uvicorn + torch server of the same checkpoint (no Ray, no batching)."""
-    import torch
-    import uvicorn
-    from fastapi import FastAPI
-    from PIL import Image
-
-    from mve.checkpoint import load_checkpoint
-    from mve.data import normalize
-
-    torch.set_num_threads(threads)
-    ckpt = load_checkpoint(checkpoint)
-    prep, names = ckpt.preprocessing, ckpt.class_names
-    app = FastAPI()
-
-    def predict(blobs: list[bytes]) -> list[dict[str, Any]]:
-        pixels = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs])
-        x = normalize(torch.from_numpy(pixels).permute(0, 3, 1, 2), prep["mean"], prep["std"])
-        with torch.inference_mode():
-            probs = ckpt.model(x).softmax(-1)
-        top = probs.topk(5, dim=1)
-        return [{"label": names[int(i[0])], "top_k": [{"label": names[int(j)], "probability":
-                 float(p)} for p, j in zip(v, i, strict=True)]} for v, i in zip(*top, strict=True)]
-
-    @app.get("/health")
-    async def health() -> dict[str, bool]:
-        return {"ok": True}
-
-    @app.post("/v1/classify")
-    async def classify(request: Request) -> dict[str, Any]:
-        body = await request.body()
-        if request.headers.get("content-type", "").startswith("application/json"):
-            blobs = [base64.b64decode(s) for s in json.loads(body)["images"]]
-        else:
-            blobs = [body]
-        return {"predictions": predict(blobs)}
-
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+REPO = S.REPO
+PEERS = ("bare", "bare-batched", "litserve", "triton")
+ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
 
 
-# -- load generation -------------------------------------------------------------------------
-
-async def _load(url: str, body: bytes, ctype: str, concurrency: int, warmup_s: float,
-                duration_s: float) -> dict[str, Any]:
-    import aiohttp
-
-    latencies: list[float] = []
-    errors = 0
-    start = time.perf_counter()
-    t_measure, t_end = start + warmup_s, start + warmup_s + duration_s
-    timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(
-            limit=concurrency)) as session:
-
-        async def client() -> None:
-            nonlocal errors
-            while (now := time.perf_counter()) < t_end:
-                try:
-                    async with session.post(url, data=body,
-                                            headers={"Content-Type": ctype}) as r:
-                        await r.read()
-                        ok = r.status == 200
-                except aiohttp.ClientError:
-                    ok = False
-                done = time.perf_counter()
-                if now >= t_measure and ok:
-                    latencies.append(done - now)
-                elif now >= t_measure:
-                    errors += 1
-
-        await asyncio.gather(*(client() for _ in range(concurrency)))
-    lat = sorted(latencies)
-    return {"requests": len(lat), "errors": errors, "rps": len(lat) / duration_s,
-            "p50_ms": 1000 * statistics.median(lat) if lat else float("nan"),
-            "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else
-            float("nan")}
+@dataclass
+class Point:
+    setup: str
+    fmt: str
+    concurrency: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    mean_batch: float | None
+    cpu_ms_per_request: float
+    cpu_by_process: dict[str, float]  # ms per request
+    foreign_cores: float
 
 
-def measure(url: str, body: bytes, ctype: str, concurrency: int, duration_s: float,
-            warmup_s: float = 1.0) -> dict[str, Any]:
-    """Closed-loop load at ``concurrency`` for ``duration_s`` after a warm-up."""
-    return asyncio.run(_load(url, body, ctype, concurrency, warmup_s, duration_s))
+class MachineBusy(RuntimeError):
+    pass
 
 
-def _wait_http(url: str, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2).read()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.3)
+# -- inputs ------------------------------------------------------------------------------------
+
+def tta_checkpoint(src: Path, mode: str, out: Path) -> Path:
+    """A copy of the checkpoint with ``tta`` set in its config (what every setup loads)."""
+    sys.path.insert(0, str(REPO))
+    from mve.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(src)
+    ckpt.model.set_tta(mode)
+    return save_checkpoint(out, ckpt.model, model_name=ckpt.model_name,
+                           model_config=ckpt.model.config, preprocessing=ckpt.preprocessing,
+                           class_names=ckpt.class_names, metrics=ckpt.metrics)
 
 
-# -- the run ---------------------------------------------------------------------------------
+def request_bodies(work: Path) -> dict[str, tuple[Path, str, int | None]]:
+    """``{format: (body file, content type, Inference-Header-Content-Length)}``."""
+    import common
 
-def _serve_config(checkpoint: str, port: int, threads: int) -> dict[str, Any]:
-    from serve_app.deploy import app_config, load_config
+    if ARCHIVE.exists():
+        from serve_app.testing import archive_images
 
-    cfg = app_config(load_config(), classifier=checkpoint, vae=None, host="127.0.0.1",
-                     port=port, torch_threads=threads)
-    for dep in cfg["applications"][0]["deployments"]:
-        dep["autoscaling_config"].update(min_replicas=1, max_replicas=1)
-        if dep["name"] == "Classifier":
-            dep["ray_actor_options"]["num_cpus"] = 1
-    return cfg
+        jpeg = archive_images(ARCHIVE, per_class=1)[3][1]  # a cat, as a user would send it
+    else:
+        jpeg = common.cifar_like_jpeg()
+    # BYTES [1, 1]: what Triton's batching model takes; mve and the other peers take [N] too
+    oip, hlen = common.oip_binary_body(jpeg, two_d=True)
+    files = {"raw": jpeg, "json": json.dumps({"images": [base64.b64encode(jpeg).decode()]})
+             .encode(), "oip": oip}
+    for name, data in files.items():
+        (work / f"body.{name}").write_bytes(data)
+    return {"raw": (work / "body.raw", "image/jpeg", None),
+            "json": (work / "body.json", "application/json", None),
+            "oip": (work / "body.oip", "application/octet-stream", hlen)}
 
 
-def run(args: argparse.Namespace) -> str:
-    import ray
-    import torch
-    from ray import serve
+# -- measuring ---------------------------------------------------------------------------------
 
-    from serve_app.deploy import deploy, set_user_config
-    from serve_app.testing import free_port, make_classifier, png_bytes, random_images
+def measure(server: S.Server, fmt: str, body: tuple[Path, str, int | None], c: int,
+            args: argparse.Namespace) -> Point:
+    """One load run (after a 1 s warm-up); raises :class:`MachineBusy`."""
+    path = "/v2/models/classifier/infer" if fmt == "oip" else "/v1/classify"
+    url, (file, ctype, hlen) = server.base + path, body
+    run_wrk(url, file, ctype, concurrency=c, duration_s=1, header_length=hlen)
+    time.sleep(server.metrics_lag_s)
+    before = server.stats()
+    meter = CpuMeter(server.proc.pid)
+    meter.start()
+    w = run_wrk(url, file, ctype, concurrency=c, duration_s=args.duration, header_length=hlen)
+    cpu = meter.stop(w.client_cpu_s)
+    foreign = cpu.foreign_s / args.duration
+    if foreign > args.max_foreign_cores:
+        raise MachineBusy(f"{foreign:.2f} cores used by other processes during "
+                          f"{server.name}/{fmt}/c={c}: {meter.others()}")
+    time.sleep(server.metrics_lag_s)
+    after = server.stats()
+    batch = None
+    if before and after and after[0] > before[0]:
+        batch = (after[1] - before[1]) / (after[0] - before[0])
+    n = max(w.requests, 1)
+    return Point(server.name, fmt, c, w.rps, w.p50_ms, w.p99_ms, w.errors, batch,
+                 1000 * cpu.server_s / n,
+                 {k: round(1000 * v / n, 3) for k, v in cpu.by_label.items() if v > 0},
+                 round(foreign, 3))
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    ckpt = args.classifier or str(make_classifier(tmp / "clf", values={}))
-    img = png_bytes(random_images(1, seed=0)[0])
-    batch = json.dumps({"images": [base64.b64encode(png_bytes(i)).decode()
-                                   for i in random_images(64, seed=1)]}).encode()
-    rows: list[tuple[str, str, int, dict[str, Any]]] = []
-    big_rows: list[tuple[str, int, dict[str, Any]]] = []
 
-    def scenario(name: str, batching: str, url: str) -> None:
-        for c in args.concurrency:
-            r = measure(url + "/v1/classify", img, "image/png", c, args.duration)
-            rows.append((name, batching, c, r))
-            print(f"{name:17s} {batching:9s} c={c:<3d} {r['rps']:7.1f} req/s  p50 "
-                  f"{r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms  errors {r['errors']}",
-                  flush=True)
-        r = measure(url + "/v1/classify", batch, "application/json", args.big_concurrency,
-                    args.duration)
-        big_rows.append((f"{name} ({batching})", args.big_concurrency, r))
-        print(f"{name:17s} {batching:9s} 64-image requests: {64 * r['rps']:7.1f} images/s",
-              flush=True)
-
-    bport = free_port()
-    baseline = subprocess.Popen([sys.executable, __file__, "--baseline-server", str(bport),
-                                 "--classifier", ckpt, "--threads", str(args.threads)])
+def measure_setup(name: str, ctx: S.Context, bodies: dict, args: argparse.Namespace
+                  ) -> list[Point]:
+    """Starts ``name``, measures each of its formats at each concurrency, stops it."""
+    server = S.start(name, ctx)
+    points = []
     try:
-        _wait_http(f"http://127.0.0.1:{bport}/health")
-        scenario("fastapi baseline", "none", f"http://127.0.0.1:{bport}")
+        for fmt in (f for f in args.formats if f in server.formats):
+            for c in args.concurrency:
+                for attempt in (1, 2):
+                    try:
+                        points.append(measure(server, fmt, bodies[fmt], c, args))
+                        break
+                    except MachineBusy as exc:
+                        if attempt == 2:
+                            raise
+                        print(f"  busy ({exc}); measuring again in 10 s", flush=True)
+                        time.sleep(10)
+                p = points[-1]
+                print(f"  {name:12s} {fmt:4s} c={c:<3d} {p.rps:7.1f} req/s  p50 {p.p50_ms:7.1f}"
+                      f"  p99 {p.p99_ms:7.1f} ms  errors {p.errors}  batch "
+                      f"{p.mean_batch or 0:4.1f}  {p.cpu_ms_per_request:6.1f} CPU-ms/req  "
+                      f"(other processes: {p.foreign_cores:.2f} cores)",
+                      flush=True)
     finally:
-        baseline.terminate()
-        baseline.wait(timeout=30)
-    port = free_port()
-    cfg = _serve_config(ckpt, port, args.threads)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             logging_level=logging.WARNING)
-    try:
-        deploy(cfg)
-        url = f"http://127.0.0.1:{port}"
-        scenario("ray serve", "batch 32", url)
-        deploy(set_user_config(cfg, "classifier", max_batch_size=1))
-        scenario("ray serve", "none", url)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-    return report(rows, big_rows, args, torch.__version__, ray.__version__)
+        server.stop()
+    return points
 
 
-def report(rows: list, big_rows: list, args: argparse.Namespace, torch_version: str,
-           ray_version: str) -> str:
-    """The markdown section."""
-    lines = [
-        "## Serving (`bench/bench_serve.py`)", "",
-        f"Command: `python bench/bench_serve.py --duration {args.duration}`", "",
-        f"Machine: {platform.platform()}, {os.cpu_count()} CPUs (clients and servers share "
-        f"them), torch {torch_version} ({args.threads} threads per model process), "
-        f"ray {ray_version}. Default-architecture classifier; closed-loop clients on loopback, "
-        f"{args.duration:g} s per point after 1 s warm-up. Ray Serve: 1 ingress + 1 classifier "
-        "replica from `serve_app/config.yaml`; unbatched = in-place `max_batch_size=1`.", "",
-        "Single-image `POST /v1/classify` (raw PNG):", "",
-        "| server | dynamic batching | concurrency | req/s | p50 ms | p99 ms | errors |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, batching, c, r in rows:
-        lines.append(f"| {name} | {batching} | {c} | {r['rps']:.0f} | {r['p50_ms']:.1f} | "
-                     f"{r['p99_ms']:.1f} | {r['errors']} |")
-    lines += ["", f"Requests of 64 images (base64 JSON), concurrency {args.big_concurrency}:", "",
-              "| server | images/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|"]
-    for name, _, r in big_rows:
-        lines.append(f"| {name} | {64 * r['rps']:.0f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
-                     f"{r['errors']} |")
-    return "\n".join(lines) + "\n"
+def check_idle(max_load: float) -> float:
+    """Waits up to a minute for the 1-minute load average to fall below ``max_load``."""
+    for _ in range(12):
+        load = os.getloadavg()[0]
+        if load <= max_load:
+            return load
+        time.sleep(5)
+    raise MachineBusy(f"load average {load:.2f} > {max_load}: the machine is busy")
+
+
+def run_mode(mode: str, args: argparse.Namespace, work: Path
+             ) -> tuple[list[Point], dict[str, str]]:
+    """Every round of one TTA mode; returns the points and why a setup did not run."""
+    ctx = S.Context(tta_checkpoint(Path(args.checkpoint), mode, work / f"ckpt-{mode}"), mode,
+                    args.threads, work, S.extract_old_tree(args.old_rev, work))
+    bodies = request_bodies(work)
+    points: list[Point] = []
+    failed: dict[str, str] = {}
+    rng = random.Random(args.seed)
+    for r in range(args.rounds):
+        order = list(args.setups)
+        rng.shuffle(order)
+        print(f"TTA {mode}, round {r + 1}/{args.rounds}: {', '.join(order)}", flush=True)
+        for name in order:
+            if name in failed:
+                continue
+            try:
+                points += measure_setup(name, ctx, bodies, args)
+            except RuntimeError as exc:
+                if isinstance(exc, MachineBusy):
+                    raise
+                failed[name] = " ".join(str(exc).split())[-400:]
+                print(f"  {name} did not run: {failed[name]}", flush=True)
+    return points, failed
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--classifier", help="checkpoint to serve (default: a fresh default-size one)")
-    p.add_argument("--duration", type=float, default=6.0, help="seconds per point (6)")
+    p.add_argument("--setups", nargs="+", default=list(S.SETUPS), choices=S.SETUPS)
+    p.add_argument("--tta", nargs="+", default=["flip_translate"],
+                   choices=["none", "flip", "flip_translate"],
+                   help="TTA modes, each a full comparison (default: the shipped model's)")
+    p.add_argument("--formats", nargs="+", default=list(S.ALL_FORMATS), choices=S.ALL_FORMATS)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--big-concurrency", type=int, default=4,
-                   help="concurrency of the 64-image requests (4)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads per model process (2)")
-    p.add_argument("--out", help="also write the markdown table to this file")
-    p.add_argument("--baseline-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per measurement (5)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; the table gives medians (3)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="torch threads of the peers (default: the machine's CPUs, as torch)")
+    p.add_argument("--checkpoint", default=str(REPO / "models" / "cifar10-classifier"))
+    p.add_argument("--old-rev", default="43b76df",
+                   help="git revision of the old data plane (mve-old; default: the last commit "
+                        "before the one-hop change)")
+    p.add_argument("--max-load", type=float, default=1.0,
+                   help="refuse to start above this 1-minute load average (1.0)")
+    p.add_argument("--max-foreign-cores", type=float, default=0.3, help="abort when other "
+                   "processes use more than this many cores during a measurement (0.3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the setup order")
+    p.add_argument("--out", help="also write the markdown report to this file")
+    p.add_argument("--json", help="also write every measurement to this JSON file")
     args = p.parse_args()
-    if args.baseline_server:
-        run_baseline_server(args.baseline_server, args.classifier, args.threads)
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    text = run(args)
+    from serve_report import report
+
+    load = check_idle(args.max_load)
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    results = {}
+    for mode in args.tta:
+        results[mode] = run_mode(mode, args, work)
+    text = report(results, args, machine=f"{platform.platform()}, {os.cpu_count()} CPUs, "
+                  f"load average {load:.2f} at the start")
     print("\n" + text)
     if args.out:
         Path(args.out).write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {m: {"points": [asdict(x) for x in pts], "did_not_run": failed}
+             for m, (pts, failed) in results.items()}, indent=1))
 
 
 if __name__ == "__main__":

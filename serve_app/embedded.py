@@ -60,8 +60,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         help="how long a batch that is not full may wait for more requests "
                              "while none is queued (0: greedy, the default)")
     tuning.add_argument("--torch-threads", type=int,
-                        help="torch threads per model replica (default: Ray's, 1 per CPU it "
-                             "reserves)")
+                        help="torch threads per model replica (default: the embedded Ray's "
+                             "CPUs, so one replica can use the machine; with --address, "
+                             "Ray's: 1 per CPU the replica reserves)")
 
 
 def _local_path(value: str | None, check: bool) -> str | None:
@@ -123,12 +124,15 @@ def serve_command(args: argparse.Namespace) -> int:
     if key_file and args.address is None and not Path(key_file).is_file():
         raise user_error(f"API key file {key_file} does not exist")
     local = args.address is None
+    threads = args.torch_threads
+    if threads is None and local:  # a replica reserves a fraction of a CPU: Ray would give 1
+        threads = args.num_cpus or os.cpu_count() or 1
     config = app_config(load_config(args.config),
                         classifier=_local_path(args.classifier, check=local),
                         vae=_local_path(args.vae, check=local), host=args.host, port=args.port,
                         api_key_file=key_file, max_batch_size=args.max_batch_size,
                         batch_wait_timeout_s=args.batch_wait_timeout_s, tta=args.tta,
-                        torch_threads=args.torch_threads)
+                        torch_threads=threads)
     if local:  # a cluster (--address) brings its own data-plane environment
         os.environ.update(embedded_env())
     import ray

@@ -7,9 +7,10 @@ metrics export port (``mve serve --metrics-port P`` -> ``http://127.0.0.1:P/metr
 - ``ray_mve_http_requests_total{route,method,status}``: ingress requests by route template
 - ``ray_mve_http_request_latency_ms_bucket{route,method}``: ingress latency histogram
 - ``ray_mve_rejected_requests_total{route,code}``: 4xx rejections by error code
-- ``ray_mve_model_call_retries_total{model,reason}``: model calls re-sent by the ingress
-  because their replica died mid-request (``ActorDiedError``, ``ActorUnavailableError``)
-- ``ray_mve_batch_size_bucket{model}``: images per forward pass (dynamic batching)
+- ``ray_mve_batch_size_bucket{model}``: images per forward pass (dynamic batching); Ray 2.60
+  exports the histogram's ``_sum`` from bucket midpoints, so take the mean batch size from
+- ``ray_mve_forward_passes_total{model}`` and ``ray_mve_forward_images_total{model}``: exact
+  counters (mean batch = ``rate(images) / rate(passes)``)
 - ``ray_mve_model_forward_latency_ms_bucket{model,method}``: model time per call/batch
 - ``ray_mve_predictions_total{model,class}``: top-1 predictions by class
 - ``ray_mve_model_swaps_total{model,outcome}``: checkpoint loads (``success``/``failure``)
@@ -29,7 +30,8 @@ BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 
 
 class IngressMetrics:
-    """Request counters and latency of the HTTP ingress."""
+    """Request counters and latency of the replica that answers the HTTP request (every mve
+    application is its own HTTP ingress)."""
 
     def __init__(self) -> None:
         self.requests = Counter("mve_http_requests", description="HTTP requests by route and "
@@ -39,9 +41,6 @@ class IngressMetrics:
                                  tag_keys=("route", "method"))
         self.rejected = Counter("mve_rejected_requests", description="Rejected (4xx) requests "
                                 "by error code", tag_keys=("route", "code"))
-        self.retries = Counter("mve_model_call_retries", description="Model calls re-sent "
-                               "because their replica died mid-request",
-                               tag_keys=("model", "reason"))
 
     def record(self, route: str, method: str, status: int, latency_ms: float) -> None:
         """Counts one finished request."""
@@ -52,10 +51,6 @@ class IngressMetrics:
         """Counts one rejected request by its error code."""
         self.rejected.inc(tags={"route": route, "code": code})
 
-    def retried(self, model: str, reason: str) -> None:
-        """Counts one model call re-sent after its replica was lost."""
-        self.retries.inc(tags={"model": model, "reason": reason})
-
 
 class ModelMetrics:
     """Batch sizes, forward latency, predictions and swaps of one model deployment."""
@@ -64,6 +59,10 @@ class ModelMetrics:
         self.model = model
         self.batch_size = Histogram("mve_batch_size", description="Images per forward pass",
                                     boundaries=BATCH_SIZES, tag_keys=("model",))
+        self.passes = Counter("mve_forward_passes", description="Batched forward passes",
+                              tag_keys=("model",))
+        self.images = Counter("mve_forward_images", description="Images in batched forward "
+                              "passes", tag_keys=("model",))
         self.forward = Histogram("mve_model_forward_latency_ms", description="Model compute "
                                  "time per batch or call (ms)", boundaries=LATENCY_MS,
                                  tag_keys=("model", "method"))
@@ -77,6 +76,9 @@ class ModelMetrics:
     def batch(self, size: int, latency_ms: float, method: str) -> None:
         """Records one forward pass."""
         self.batch_size.observe(size, tags={"model": self.model})
+        if method == "batch":
+            self.passes.inc(tags={"model": self.model})
+            self.images.inc(size, tags={"model": self.model})
         self.forward.observe(latency_ms, tags={"model": self.model, "method": method})
 
     def predicted(self, labels: list[str]) -> None:

@@ -129,6 +129,8 @@ def test_mve_metrics_on_the_metrics_port(served: Served) -> None:
         r'ray_mve_http_request_latency_ms_bucket\{[^}]*route="/v1/classify"',
         r'ray_mve_rejected_requests_total\{[^}]*code="invalid_image"',
         r'ray_mve_batch_size_bucket\{[^}]*model="classifier"',
+        r'ray_mve_forward_passes_total\{[^}]*application="classifier"[^}]*\} [1-9]',
+        r'ray_mve_forward_images_total\{[^}]*model="classifier"[^}]*\} [1-9]',
         r'ray_mve_model_forward_latency_ms_bucket\{[^}]*method="sample"',
         r'ray_mve_predictions_total\{[^}]*class="[a-z]+"',
         r'ray_mve_model_swaps_total\{[^}]*outcome="success"',
