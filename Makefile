@@ -14,12 +14,12 @@ DATA_ARG := $(if $(DATA),--data $(DATA))
 RUN_DIR ?= runs/make-run
 PYTEST_ARGS ?=
 
-.PHONY: pretrained pretrained-classifier pretrained-vae install test test-reliability test-slow test-all lint bench run clean help image
+.PHONY: pretrained pretrained-classifier pretrained-vae install test test-reliability test-slow test-all lint bench bench-serve run clean help image
 
 help:
 	@echo "make run       set up .venv; search, train the best config on Ray, evaluate (short budget)"
 	@echo "make test      set up .venv and run the default test suite"
-	@echo "make test-slow / test-all, lint, bench, clean"
+	@echo "make test-slow / test-all, lint, bench, bench-serve, clean"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,12 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/bench_train.py $(DATA_ARG) --out BENCHMARKS.md
+
+# Serving against the peers (needs Debian's wrk; Triton: bash bench/peers/setup_pytriton.sh).
+# About 35 minutes per TTA mode on 2 cores; prints the markdown for BENCHMARKS.md.
+bench-serve: install
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/bench_serve.py --tta flip_translate none --rounds 3 --duration 8
 
 # The main job, on the embedded Ray: a short ASHA + Optuna search, then the best config trained
 # longer with Ray Train, then evaluated; $(RUN_DIR)/model is a servable checkpoint with its

@@ -9,7 +9,8 @@ from typing import Any
 
 __all__ = ["report", "summarize"]
 
-PEERS = ("bare", "bare-batched", "litserve", "triton")
+PEERS = ("bare", "bare-batched", "litserve", "triton")  # as their users would run them
+REFERENCE = "bare-batched-opt"  # the one-process ceiling given mve's model optimization
 MVE = ("mve", "mve-old")
 
 
@@ -52,7 +53,7 @@ def _table(summary: dict, formats: list[str], conc: list[int]) -> list[str]:
     head = " | ".join(f"c={c} req/s ({'p50' if c == 1 else 'p99'})" for c in conc)
     lines = [f"| server | format | {head} | errors | mean batch (c={conc[-1]}) | "
              f"CPU-ms/req (c={conc[-1]}) |", "|---" * (len(conc) + 5) + "|"]
-    setups = [s for s in (*PEERS, *MVE[::-1]) if any(k[0] == s for k in summary)]
+    setups = [s for s in (*PEERS, REFERENCE, *MVE[::-1]) if any(k[0] == s for k in summary)]
     for fmt in formats:
         for name in setups:
             cells = [summary.get((name, fmt, c)) for c in conc]
@@ -73,17 +74,20 @@ def _table(summary: dict, formats: list[str], conc: list[int]) -> list[str]:
 
 def _ratios(summary: dict, formats: list[str], conc: list[int]) -> list[str]:
     lines = ["| format | c | fastest peer | its req/s | mve req/s | mve / fastest peer | "
-             "mve-old / fastest peer |", "|---|---|---|---|---|---|---|"]
+             f"mve-old / fastest peer | mve / {REFERENCE} |", "|---|---|---|---|---|---|---|---|"]
+
+    def ratio(a: dict | None, b: float | None) -> str:
+        return f"{a['rps'] / b:.2f}x" if a and b else "-"
     for fmt in formats:
         for c in conc:
             best = _best_peer(summary, fmt, c)
             if best is None:
                 continue
             mve, old = summary.get(("mve", fmt, c)), summary.get(("mve-old", fmt, c))
+            ref = summary.get((REFERENCE, fmt, c))
             lines.append(f"| {fmt} | {c} | {best[0]} | {best[1]:.0f} | "
-                         f"{mve['rps']:.0f} | {mve['rps'] / best[1]:.2f}x | "
-                         f"{old['rps'] / best[1]:.2f}x |" if mve and old else
-                         f"| {fmt} | {c} | {best[0]} | {best[1]:.0f} | - | - | - |")
+                         f"{mve['rps'] if mve else 0:.0f} | {ratio(mve, best[1])} | "
+                         f"{ratio(old, best[1])} | {ratio(mve, ref and ref['rps'])} |")
     return lines
 
 
@@ -115,7 +119,7 @@ def _targets(summary: dict, formats: list[str], tta: str) -> list[str]:
 def _processes(summary: dict, fmt: str, c: int) -> list[str]:
     lines = [f"Server CPU-ms per request by process ({fmt}, c={c}; processes above 0.05 ms):",
              "", "| server | process | CPU-ms/req |", "|---|---|---|"]
-    for name in (*MVE, *PEERS):
+    for name in (*MVE, *PEERS, REFERENCE):
         s = summary.get((name, fmt, c))
         if s:
             for proc, ms in sorted(s["procs"].items(), key=lambda x: -x[1]):

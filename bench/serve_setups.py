@@ -5,7 +5,11 @@ mode written into its config, loaded by each with ``mve.checkpoint.load_checkpoi
 a session of its own (``setsid``: its CPU is measured by session, and stopping it kills
 everything it started) and is ready when its health route answers 200.
 
-- ``bare``, ``bare-batched``, ``litserve``, ``triton``: the peers in ``bench/peers/``;
+- ``bare``, ``bare-batched``, ``litserve``, ``triton``: the peers in ``bench/peers/``, with the
+  model as ``load_checkpoint`` returns it (what their users would run);
+- ``bare-batched-opt``: a reference, not a peer: the batched bare server given the model
+  optimization ``mve serve`` applies (``mve.inference.for_inference``), so that the table also
+  shows what the data plane alone is worth;
 - ``mve-old``: the data plane before the one-hop change (HTTP proxy -> FastAPI ingress
   replica -> model replica, ``@serve.batch``), the ``serve_app`` of git revision ``--old-rev``
   run by its own ``serve`` command, 1 replica per deployment;
@@ -33,9 +37,10 @@ REPO = Path(__file__).resolve().parent.parent
 PEERS = REPO / "bench" / "peers"
 ALL_FORMATS = ("raw", "json", "oip")
 PEER_FORMATS = {"bare": ALL_FORMATS, "bare-batched": ALL_FORMATS, "litserve": ALL_FORMATS,
-                "triton": ("oip",)}
+                "triton": ("oip",), "bare-batched-opt": ALL_FORMATS}
 PEER_SCRIPTS = {"bare": "bare.py", "bare-batched": "bare_batched.py",
-                "litserve": "litserve_server.py", "triton": "triton_server.py"}
+                "litserve": "litserve_server.py", "triton": "triton_server.py",
+                "bare-batched-opt": "bare_batched.py"}
 SETUPS = (*PEER_SCRIPTS, "mve-old", "mve")
 
 __all__ = ["SETUPS", "ALL_FORMATS", "Context", "Server", "start"]
@@ -136,7 +141,8 @@ def _wait_ready(server: Server, path: str, timeout_s: float = 300.0) -> Server:
 def _peer(name: str, ctx: Context) -> Server:
     port = _free_port()
     cmd = [ctx.python, str(PEERS / PEER_SCRIPTS[name]), "--port", str(port), "--checkpoint",
-           str(ctx.checkpoint), "--tta", ctx.tta, "--threads", str(ctx.threads)]
+           str(ctx.checkpoint), "--tta", ctx.tta, "--threads", str(ctx.threads),
+           *(["--optimize"] if name.endswith("-opt") else [])]
     proc, log = _spawn(name, cmd, ctx, {})
     base = f"http://127.0.0.1:{port}"
 

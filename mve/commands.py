@@ -235,6 +235,7 @@ def _train_local(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     from mve.checkpoint import load_checkpoint
     from mve.data import load_data, resolve_data_path
+    from mve.inference import for_inference
     from mve.metrics import per_class_table
     from mve.models import get_spec
     from mve.plots import plot_confusion_matrix
@@ -252,6 +253,7 @@ def evaluate(args: argparse.Namespace) -> int:
         shipped = True
         logger.info("evaluating the default classifier %s", checkpoint)
     ckpt = load_checkpoint(checkpoint, device=device)
+    for_inference(ckpt.model)  # channels-last on the CPU: same numbers, about 2x faster
     prov = ckpt.meta.get("provenance") or {}
     data_arg = args.data
     if data_arg is None and prov.get("source") and Path(prov["source"]).exists():

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from mve.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from mve.inference import for_inference
 from serve_app.images import input_size
 
 __all__ = ["LoadedModel", "load_model"]
@@ -71,6 +72,7 @@ def load_model(source: str, kind: str) -> LoadedModel:
     path, tmp = _local_copy(source)
     try:
         ckpt = load_checkpoint(path, device="cpu")
+        for_inference(ckpt.model)  # channels-last weights: ~2x faster CPU convolutions
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

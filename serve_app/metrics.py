@@ -21,6 +21,8 @@ Objects are created inside replicas (``__init__``), never at import.
 
 from __future__ import annotations
 
+import collections
+
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 __all__ = ["IngressMetrics", "ModelMetrics", "LATENCY_MS", "BATCH_SIZES"]
@@ -82,9 +84,9 @@ class ModelMetrics:
         self.forward.observe(latency_ms, tags={"model": self.model, "method": method})
 
     def predicted(self, labels: list[str]) -> None:
-        """Counts top-1 labels."""
-        for label in labels:
-            self.predictions.inc(tags={"model": self.model, "class": label})
+        """Counts top-1 labels (one increment per class, not per image: each costs ~0.1 ms)."""
+        for label, n in collections.Counter(labels).items():
+            self.predictions.inc(n, tags={"model": self.model, "class": label})
 
     def swapped(self, ok: bool, old_id: str | None = None, new_id: str | None = None) -> None:
         """Counts a load attempt and moves the info gauge to the new checkpoint."""

@@ -57,7 +57,7 @@ def build_app(served: C.Served) -> FastAPI:
 
 def main() -> None:
     args = C.parse_args(__doc__.splitlines()[0])
-    served = C.load(args.checkpoint, args.tta, args.threads)
+    served = C.load(args.checkpoint, args.tta, args.threads, args.optimize)
     uvicorn.run(build_app(served), host="127.0.0.1", port=args.port, log_level="warning")
 
 

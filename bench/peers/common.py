@@ -65,6 +65,8 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     p.add_argument("--max-batch-size", type=int, default=32, help="images per forward (batching)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="batching wait (where used)")
+    p.add_argument("--optimize", action="store_true", help="mve.inference.for_inference, as "
+                   "mve serve does (channels-last weights); off: the model as loaded")
     return p.parse_args(argv)
 
 
@@ -113,11 +115,15 @@ def set_tta(model: torch.nn.Module, mode: str) -> None:
     model.config = dataclasses.replace(model.config, tta=mode)
 
 
-def load(checkpoint: str, tta: str, threads: int) -> Served:
+def load(checkpoint: str, tta: str, threads: int, optimize: bool = False) -> Served:
     """Loads the checkpoint, sets threads and TTA, and warms up with one forward."""
     torch.set_num_threads(threads)
     ckpt = load_checkpoint(checkpoint)
     ckpt.model.eval()
+    if optimize:
+        from mve.inference import for_inference
+
+        for_inference(ckpt.model)
     set_tta(ckpt.model, tta)
     served = Served(ckpt.model, dict(ckpt.preprocessing), list(ckpt.class_names),
                     ckpt.checkpoint_id)

@@ -72,7 +72,8 @@ class ClassifierAPI(ls.LitAPI):
         self.args, self.counters = args, counters
 
     def setup(self, device: str) -> None:
-        self.served = C.load(self.args.checkpoint, self.args.tta, self.args.threads)
+        self.served = C.load(self.args.checkpoint, self.args.tta, self.args.threads,
+                             self.args.optimize)
 
     def decode_request(self, request: dict[str, Any]) -> tuple[Any, torch.Tensor]:
         try:

@@ -95,7 +95,7 @@ def serve(args: argparse.Namespace) -> None:
 
     import common as C
 
-    served = C.load(args.checkpoint, args.tta, args.threads)
+    served = C.load(args.checkpoint, args.tta, args.threads, args.optimize)
     config = TritonConfig(http_address="127.0.0.1", http_port=args.port, allow_grpc=False,
                           allow_metrics=False, log_verbose=0)
     batcher = DynamicBatcher(max_queue_delay_microseconds=int(args.batch_wait_ms * 1000))
