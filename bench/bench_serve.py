@@ -129,23 +129,37 @@ def measure(server: S.Server, fmt: str, body: tuple[Path, str, int | None], c: i
                  round(foreign, 3))
 
 
+def settle(server: S.Server, args: argparse.Namespace, timeout_s: float = 60.0) -> None:
+    """Waits until the machine is quiet apart from the idle server (the previous server's
+    teardown, this one's start-up), measured over 2 s windows."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        meter = CpuMeter(server.proc.pid)
+        meter.start()
+        time.sleep(2.0)
+        if meter.stop(0.0).foreign_s / 2.0 <= args.max_foreign_cores / 2:
+            return
+    print(f"  the machine did not settle within {timeout_s:.0f}s; measuring anyway", flush=True)
+
+
 def measure_setup(name: str, ctx: S.Context, bodies: dict, args: argparse.Namespace
                   ) -> list[Point]:
     """Starts ``name``, measures each of its formats at each concurrency, stops it."""
     server = S.start(name, ctx)
     points = []
     try:
+        settle(server, args)
         for fmt in (f for f in args.formats if f in server.formats):
             for c in args.concurrency:
-                for attempt in (1, 2):
+                for attempt in (1, 2, 3):
                     try:
                         points.append(measure(server, fmt, bodies[fmt], c, args))
                         break
                     except MachineBusy as exc:
-                        if attempt == 2:
+                        if attempt == 3:
                             raise
-                        print(f"  busy ({exc}); measuring again in 10 s", flush=True)
-                        time.sleep(10)
+                        print(f"  busy ({exc}); measuring again", flush=True)
+                        settle(server, args)
                 p = points[-1]
                 print(f"  {name:12s} {fmt:4s} c={c:<3d} {p.rps:7.1f} req/s  p50 {p.p50_ms:7.1f}"
                       f"  p99 {p.p99_ms:7.1f} ms  errors {p.errors}  batch "

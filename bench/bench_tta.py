@@ -27,6 +27,7 @@ import torch
 
 from mve.checkpoint import load_checkpoint
 from mve.data import TensorLoader, load_data
+from mve.inference import for_inference
 
 MODES = ("none", "flip", "flip_translate")
 BATCHES = (1, 8, 32)
@@ -106,11 +107,15 @@ def main(argv: list[str] | None = None) -> int:
                    default=str(ROOT.parent / "shared" / "data" / "cifar10-train-jpeg.tar.gz"))
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--repeats", type=int, default=7, help="timed loops per cell (median; >= 5)")
+    p.add_argument("--as-loaded", action="store_true", help="time the model as load_checkpoint "
+                   "returns it (default: as mve serves it, mve.inference.for_inference)")
     p.add_argument("--out", help="also write the Markdown table to this file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     ckpt, loader = load(args.checkpoint, args.data)
     model, shipped_mode = ckpt.model, ckpt.model.config.tta
+    if not args.as_loaded:
+        for_inference(model)
     rows, base = [], None
     for mode in MODES:
         model.set_tta(mode)
@@ -132,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
               f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, CPU. "
               f"Validation split of {n:,} images (n=1: one checkpoint, deterministic eval); "
               f"shipped mode `{shipped_mode}`, recorded val accuracy "
-              f"{'?' if recorded is None else f'{100 * recorded:.2f}%'}. Speed: model only, median "
-              f"of {max(5, args.repeats)} interleaved timed loops.")
+              f"{'?' if recorded is None else f'{100 * recorded:.2f}%'}. Speed: model only "
+              f"({'as loaded' if args.as_loaded else 'as served: channels-last weights'}), "
+              f"median of {max(5, args.repeats)} interleaved timed loops.")
     text = table(rows, header)
     print(text)
     if args.out:
