@@ -42,7 +42,7 @@ def _ms(text: str) -> float:
 
 def parse_wrk(out: str) -> WrkResult:
     """Reads wrk's ``--latency`` report."""
-    pct = dict(re.findall(r"^\s+(50|99)(?:\.0+)?%\s+(\S+)$", out, re.M))
+    pct = dict(re.findall(r"^\s+(50|99)(?:\.0+)?%\s+(\S+)[ \t]*$", out, re.M))
     total = re.search(r"^\s+(\d+) requests in", out, re.M)
     rps = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
     if not (total and rps and "50" in pct and "99" in pct):
