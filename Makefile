@@ -50,7 +50,7 @@ test-all: install
 	$(BIN)/python -m pytest -m "" $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check mve cluster serve_app tests bench
+	$(BIN)/ruff check mve mve_cli cluster serve_app tests bench
 
 bench: install
 	$(BIN)/python bench/bench_train.py $(DATA_ARG) --out BENCHMARKS.md
@@ -61,23 +61,25 @@ bench-serve: install
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/bench_serve.py --tta flip_translate none --rounds 3 --duration 8
 
-# The main job, on the embedded Ray: a short ASHA + Optuna search, then the best config trained
-# longer with Ray Train, then evaluated; $(RUN_DIR)/model is a servable checkpoint with its
-# REPORT.md (`mve serve --classifier $(RUN_DIR)/model`). Grow the budgets with e.g.
-# `make run SAMPLES=16 TUNE_EPOCHS=5 TUNE_LIMIT=20000 EPOCHS=30 LIMIT=`. About 7 minutes on 2 cores.
+# The main job, on the embedded Ray, with the recommended recipe (`fast`): a short ASHA + Optuna
+# search around it, then the best config trained longer with Ray Train, then evaluated;
+# $(RUN_DIR)/model is a servable checkpoint with its REPORT.md (`mve serve --classifier
+# $(RUN_DIR)/model`). About 10 minutes on 2 cores; grow the budgets with e.g.
+# `make run SAMPLES=16 TUNE_EPOCHS=5 TUNE_LIMIT=20000 EPOCHS=10 LIMIT=` (LIMIT= is all 45,000).
 SAMPLES ?= 4
 TUNE_EPOCHS ?= 2
-TUNE_LIMIT ?= 2000
-EPOCHS ?= 3
-LIMIT ?= 10000
+TUNE_LIMIT ?= 2500
+EPOCHS ?= 5
+LIMIT ?= 20000
 run: install
-	$(BIN)/mve tune classifier $(DATA_ARG) --samples $(SAMPLES) --max-epochs $(TUNE_EPOCHS) \
-		--limit $(TUNE_LIMIT) --val-size 1000 --storage $(abspath $(RUN_DIR))/ray \
-		--out $(RUN_DIR)/tune
+	$(BIN)/mve tune classifier --preset fast --space cluster/spaces/classifier-fast.yaml \
+		--set model.convs_per_group=2 --set model.tta=none \
+		$(DATA_ARG) --samples $(SAMPLES) --max-epochs $(TUNE_EPOCHS) --limit $(TUNE_LIMIT) \
+		--val-size 1000 --storage $(abspath $(RUN_DIR))/ray --out $(RUN_DIR)/tune
 	$(BIN)/mve train classifier $(DATA_ARG) --config $(RUN_DIR)/tune/best.yaml \
 		--epochs $(EPOCHS) $(if $(LIMIT),--limit $(LIMIT)) --set data.val_size=5000 \
 		--cpus-per-worker 2 --storage $(abspath $(RUN_DIR))/ray --out $(RUN_DIR)/model
-	$(BIN)/mve evaluate $(RUN_DIR)/model $(DATA_ARG) --json
+	$(BIN)/mve evaluate $(RUN_DIR)/model $(DATA_ARG) --out $(RUN_DIR)/evaluation --json
 
 # Re-create the shipped default checkpoints in models/ (what `mve serve` and `mve evaluate` use
 # when given none). On a GPU each takes about a minute; on 2 CPU cores the classifier's 40

@@ -16,9 +16,9 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Callable
 
 import torch
+from timing import repeat_time  # bench/timing.py
 from torch.utils.flop_counter import FlopCounterMode
 
 from mve.config import load_train_config
@@ -77,7 +77,7 @@ def bench_train(preset: str, *, batch: int, steps: int, repeats: int, channels_l
             opt.step()
 
     epoch()  # warm-up (and compilation)
-    times = _time(epoch, repeats)
+    times = repeat_time(epoch, repeats)
     return batch * len(loader) / statistics.median(times), flops
 
 
@@ -106,15 +106,6 @@ def profile_steps(preset: str, batch: int, steps: int, images: torch.Tensor,
             with record_function("optimizer"):
                 opt.step()
     return prof.key_averages().table(sort_by="cpu_time_total", row_limit=top)
-
-
-def _time(fn: Callable[[], None], repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

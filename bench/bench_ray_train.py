@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from timing import publish  # bench/timing.py
 
 from mve.config import load_train_config
 from mve.data import load_data
@@ -90,9 +91,7 @@ def main() -> None:
     lines += ["", f"2 workers vs 1: {med['ray2'][0] / med['ray1'][0]:.2f}x throughput "
               f"(ideal 2x on 2 cores)."]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

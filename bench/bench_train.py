@@ -12,9 +12,9 @@ import argparse
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
+from timing import publish, repeat_time  # bench/timing.py
 
 from mve.config import load_train_config
 from mve.data import TensorLoader, load_data
@@ -23,21 +23,12 @@ from mve.report import run_info
 from mve.train import build_optimizer
 
 
-def _time(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
-
-
 def bench_data(path: str, repeats: int) -> list[tuple[str, str]]:
     with tempfile.TemporaryDirectory() as cache:
         t0 = time.perf_counter()
         load_data(path, cache_dir=cache)
         cold = time.perf_counter() - t0
-        warm = statistics.median(_time(lambda: load_data(path, cache_dir=cache), repeats))
+        warm = statistics.median(repeat_time(lambda: load_data(path, cache_dir=cache), repeats))
     return [("decode archive into the tensor cache (cold)", f"{cold:.1f} s"),
             ("load from the tensor cache + split (warm, median)", f"{warm:.2f} s"),
             ("cold / warm", f"{cold / warm:.0f}x")]
@@ -73,8 +64,8 @@ def bench_model(path: str | None, preset: str | None, steps: int, repeats: int, 
 
     train_epoch()  # warm-up
     n = len(loader) * batch
-    tr = statistics.median(_time(train_epoch, repeats))
-    inf = statistics.median(_time(infer_epoch, repeats))
+    tr = statistics.median(repeat_time(train_epoch, repeats))
+    inf = statistics.median(repeat_time(infer_epoch, repeats))
     label = preset or "default"
     return [(f"train images/s ({label} recipe, batch {batch}, fp32)", f"{n / tr:.0f}"),
             (f"inference images/s (batch {batch})", f"{n / inf:.0f}"),
@@ -102,9 +93,7 @@ def main() -> None:
              f"Medians of {args.repeats} runs.", "", "| Measure | Value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,10 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import ray
 
-__all__ = ["init_ray", "resolve_storage", "target_metric", "scalar_metrics", "fetch_checkpoint"]
+__all__ = ["init_ray", "scalar_metrics", "fetch_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,38 +35,6 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
     ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
              logging_level=logging.WARNING)
     return True
-
-
-def resolve_storage(storage: str | None, *, s3_endpoint: str | None = None
-                    ) -> tuple[str, Any | None]:
-    """Maps ``--storage`` to Ray's ``(storage_path, storage_filesystem)``.
-
-    ``None`` means ``./runs/ray``; a local or shared-filesystem path is made absolute; an
-    ``s3://bucket/prefix`` URI goes through pyarrow, with ``s3_endpoint`` (or
-    ``$AWS_ENDPOINT_URL``) for S3-compatible servers such as MinIO.
-    """
-    if storage is None:
-        return str(Path("runs/ray").absolute()), None
-    parsed = urlparse(storage)
-    if parsed.scheme in ("", "file"):
-        return str(Path(parsed.path if parsed.scheme else storage).expanduser().absolute()), None
-    if parsed.scheme != "s3":
-        return storage, None  # gs://, hdfs://, ...: pyarrow infers the filesystem
-    from pyarrow import fs
-
-    endpoint = s3_endpoint or os.environ.get("AWS_ENDPOINT_URL")
-    kwargs: dict[str, Any] = {}
-    if endpoint:
-        ep = urlparse(endpoint)
-        kwargs.update(endpoint_override=ep.netloc or ep.path, scheme=ep.scheme or "https")
-    if os.environ.get("AWS_REGION"):
-        kwargs["region"] = os.environ["AWS_REGION"]
-    return f"{parsed.netloc}{parsed.path}".rstrip("/"), fs.S3FileSystem(**kwargs)
-
-
-def target_metric(model: str) -> tuple[str, str]:
-    """The validation metric a run is judged by, and whether higher is better."""
-    return ("val_elbo_bpd", "min") if model == "vae" else ("val_accuracy", "max")
 
 
 def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:

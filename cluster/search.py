@@ -40,16 +40,31 @@ from typing import Any
 
 import yaml
 
-from mve.config import ConfigError, TrainConfig, deep_merge, load_train_config, parse_overrides
+from mve.config import (
+    RECIPES,
+    ConfigError,
+    TrainConfig,
+    deep_merge,
+    load_train_config,
+    parse_overrides,
+    read_yaml,
+)
+from mve.errors import run_command
+from mve.models import list_models
 
 __all__ = [
     "DISTRIBUTIONS", "FORBIDDEN_KEYS", "Param", "SearchSpace", "SearchSpaceError",
     "default_space_path", "load_space", "parse_space", "flatten", "unflatten", "valid_keys",
-    "validate_space", "trial_config",
+    "validate_space", "trial_config", "search_recipe",
 ]
 
 SPACES_DIR = Path(__file__).resolve().parent / "spaces"
 RESERVED = "fixed"
+# A search without --preset starts from this recipe where the family has one: the default
+# spaces search the research note's network and the generic recipe's knobs, which a family's
+# best recipe may not use (the classifier's `fast` is another network; its own space is
+# spaces/classifier-fast.yaml, searched with --preset fast).
+SEARCH_RECIPE = "baseline"
 
 # name -> (number of arguments, one-line meaning for error messages and --help)
 DISTRIBUTIONS: dict[str, tuple[int | None, str]] = {
@@ -210,12 +225,7 @@ def default_space_path(model: str) -> Path:
 def load_space(path: str | Path | None, model: str) -> SearchSpace:
     """Reads a space file (``None``: the packaged default of ``model``); not yet validated."""
     p = Path(path) if path is not None else default_space_path(model)
-    try:
-        data = yaml.safe_load(p.read_text())
-    except FileNotFoundError:
-        raise SearchSpaceError(f"search-space file {p} does not exist") from None
-    except yaml.YAMLError as exc:
-        raise SearchSpaceError(f"search-space file {p} is not valid YAML: {exc}") from None
+    data = read_yaml(p, "search-space file", SearchSpaceError)
     return parse_space(data if data is not None else {}, source=str(p))
 
 
@@ -312,12 +322,14 @@ def parse_space(data: Mapping[str, Any], *, source: str = "<memory>") -> SearchS
 def base_config(model: str, space: SearchSpace, *, preset: str | None = None,
                 files: Sequence[str | Path] = (), overrides: Sequence[str] = (),
                 extra: Mapping[str, Any] | None = None) -> TrainConfig:
-    """The config every trial starts from: recipe < preset < files < the space's ``fixed``
-    < ``overrides`` (``--set``) < ``extra`` (the command line's --max-epochs, --limit, ...).
+    """The config every trial starts from: the recipe (``preset``, else :func:`search_recipe`)
+    < files < the space's ``fixed`` < ``overrides`` (``--set``) < ``extra`` (the command
+    line's --max-epochs, --limit, ...).
 
     Raises:
         SearchSpaceError: a ``fixed`` key is unknown or forbidden, or its value is rejected.
     """
+    preset = search_recipe(model, preset)
     tail = deep_merge(parse_overrides(overrides), extra or {})
     plain = load_train_config(model, preset=preset, files=files, extra=tail)
     valid = valid_keys(plain)
@@ -329,6 +341,14 @@ def base_config(model: str, space: SearchSpace, *, preset: str | None = None,
     except ConfigError as exc:
         raise SearchSpaceError(f"{space.source}: the fixed overrides do not fit the config:\n"
                                f"{exc}") from None
+
+
+def search_recipe(model: str, preset: str | None = None) -> str | None:
+    """The recipe a search of ``model`` starts from: ``preset`` if given, else
+    :data:`SEARCH_RECIPE` where ``model`` has it, else None (the family's default recipe)."""
+    if preset is not None:
+        return preset
+    return SEARCH_RECIPE if SEARCH_RECIPE in RECIPES.get(model, {}) else None
 
 
 def _check_key(key: str, valid: Sequence[str], where: str, what: str) -> None:
@@ -380,29 +400,33 @@ def trial_config(base: Mapping[str, Any], params: Mapping[str, Any]) -> TrainCon
 
 # -- CLI ---------------------------------------------------------------------------------
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m cluster.search MODEL [--space FILE]``: validate and print a space."""
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m cluster.search`` argument parser."""
     p = argparse.ArgumentParser(prog="python -m cluster.search", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", choices=["classifier", "vae"])
+    p.add_argument("model", choices=list_models())
     p.add_argument("--space", help="search-space YAML (default: the packaged one)")
     p.add_argument("--preset")
     p.add_argument("--config", action="append", default=[])
     p.add_argument("--set", action="append", default=[], dest="overrides")
-    args = p.parse_args(argv)
-    try:
-        space = load_space(args.space, args.model)
-        pinned = [o.partition("=")[0].strip() for o in args.overrides]
-        space = space.pin(pinned)
-        base = base_config(args.model, space, preset=args.preset, files=args.config,
-                           overrides=args.overrides)
-        validate_space(space, base)
-    except ConfigError as exc:
-        print(f"cluster.search: error: {exc}", file=sys.stderr)
-        return 2
+    return p
+
+
+def check_space(args: argparse.Namespace) -> int:
+    """Loads, pins and validates the space as a search would, and prints it resolved."""
+    space = load_space(args.space, args.model)
+    space = space.pin(o.partition("=")[0].strip() for o in args.overrides)
+    base = base_config(args.model, space, preset=args.preset, files=args.config,
+                       overrides=args.overrides)
+    validate_space(space, base)
     print(f"# {space.source}: {len(space.params)} searched, {len(space.fixed)} fixed")
     print(space.to_yaml(), end="")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m cluster.search MODEL [--space FILE]``: validate and print a space."""
+    return run_command(check_space, build_parser().parse_args(argv), prog="cluster.search")
 
 
 if __name__ == "__main__":  # pragma: no cover

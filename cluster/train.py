@@ -20,6 +20,7 @@ earlier reported checkpoint that verifies.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import logging
 import os
@@ -35,17 +36,24 @@ import ray.train
 import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
-from cluster.common import (
-    fetch_checkpoint,
-    init_ray,
-    resolve_storage,
-    scalar_metrics,
-    target_metric,
-)
+from cluster.common import fetch_checkpoint, init_ray, scalar_metrics
+from cluster.options import train_parser
+from mve import local_train
+from mve.checkpoint import META, CheckpointError, load_training_state, verify_checkpoint
 from mve.config import TrainConfig
+from mve.data import load_data, resolve_data_path
+from mve.errors import run_command
+from mve.logs import plain_stderr, setup_logging
+from mve.metrics import per_class_table
+from mve.models import target_metric
+from mve.options import train_config_from_args
+from mve.report import run_info, write_json
+from mve.runs import finalize_run
+from mve.storage import resolve_storage
+from mve.train import fit
 
 __all__ = ["ClusterConfig", "train_fn_per_worker", "upload_checkpoint", "build_trainer",
-           "run_name", "run_training", "run_from_args", "main"]
+           "run_name", "run_training", "run_from_args", "run", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +128,6 @@ def upload_checkpoint(checkpoint: ray.train.Checkpoint, checkpoint_dir_name: str
     """
     import pyarrow.fs as pafs
 
-    from mve.checkpoint import META
 
     storage = ray.train.get_context().get_storage()
     fs = storage.storage_filesystem
@@ -155,7 +162,6 @@ def _resume_point(tmp: Path, rank: int) -> tuple[Path | None, int]:
     does is used instead, with a warning; if none does, the run fails rather than train from a
     corrupt state.
     """
-    from mve.checkpoint import CheckpointError, verify_checkpoint
 
     latest = ray.train.get_checkpoint()
     if latest is None:
@@ -194,30 +200,16 @@ def _resume_point(tmp: Path, rank: int) -> tuple[Path | None, int]:
                        "corrupt state:\n  " + "\n  ".join(rejected))
 
 
-def _worker_logging() -> None:
-    """This module's INFO lines (which checkpoint a worker resumes from) reach the driver's
-    output, like mve's epoch lines."""
-    log = logging.getLogger("cluster")
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-        log.propagate = False
-        log.setLevel(logging.INFO)
-
-
 def train_fn_per_worker(config: dict) -> None:
     """Ray Train worker: rebuilds the typed config and runs ``mve.train.fit``."""
-    from mve.data import load_data
-    from mve.train import fit
-
-    _worker_logging()
+    # which checkpoint a worker resumes from reaches the driver's output, like mve's epochs
+    plain_stderr("cluster")
 
     cfg = TrainConfig.from_dict(config["train"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    data = load_data(config["data_path"], val_size=cfg.data.val_size, seed=cfg.data.split_seed,
+    data = load_data(cfg.data.path, val_size=cfg.data.val_size, seed=cfg.data.split_seed,
                      limit=cfg.data.limit, image_size=cfg.data.image_size,
                      cache_dir=config.get("cache_dir"))
     metrics_sink = _TrainMetrics(ctx.get_experiment_name(), cfg.model) if rank == 0 else None
@@ -258,7 +250,8 @@ def build_trainer(cfg: TrainConfig, cluster: ClusterConfig, data_path: str, *, n
                   ) -> ray.train.torch.TorchTrainer:
     """A Train V2 ``TorchTrainer`` running ``train_fn_per_worker`` on ``cluster.num_workers``."""
     if cluster.use_gpu and cfg.precision == "fp32":
-        cfg = TrainConfig.from_dict({**cfg.to_dict(), "precision": "bf16"})
+        cfg = dataclasses.replace(cfg, precision="bf16")
+    cfg = cfg.with_data_path(Path(data_path).absolute())
     resources = {"CPU": cluster.cpus_per_worker}
     if cluster.use_gpu:
         resources["GPU"] = cluster.gpus_per_worker
@@ -271,7 +264,7 @@ def build_trainer(cfg: TrainConfig, cluster: ClusterConfig, data_path: str, *, n
                                            checkpoint_score_attribute=metric,
                                            checkpoint_score_order=mode),
         callbacks=list(callbacks))
-    loop_config = {"train": cfg.to_dict(), "data_path": str(Path(data_path).absolute()),
+    loop_config = {"train": cfg.to_dict(),
                    "cache_dir": cache_dir or os.environ.get("MVE_CACHE_DIR"),
                    "inject_failure": dict(inject_failure) if inject_failure else None}
     return ray.train.torch.TorchTrainer(
@@ -285,12 +278,9 @@ def run_training(cfg: TrainConfig, cluster: ClusterConfig, data_path: str, *, ou
                  name: str | None = None, address: str | None = None,
                  inject_failure: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Runs a Train job and writes the final checkpoint and report into ``out``."""
-    from mve.checkpoint import load_training_state
-    from mve.data import load_data
-    from mve.report import run_info
-    from mve.runs import finalize_run
 
     name = name or run_name(cfg, data_path, cluster)
+    cfg = cfg.with_data_path(Path(data_path).absolute())  # the saved config records its data
     started = init_ray(address)
     try:
         logger.info("Ray Train run %s: %d worker(s), gpu=%s", name, cluster.num_workers,
@@ -313,8 +303,6 @@ def run_training(cfg: TrainConfig, cluster: ClusterConfig, data_path: str, *, ou
         summary = {"run_name": name, "storage": str(result.path), "out": str(out),
                    "checkpoint": str(result.checkpoint.path),
                    "metrics": scalar_metrics(result.metrics or {}), "details": details}
-        from mve.report import write_json
-
         write_json(Path(out) / "ray_run.json", summary)
         return summary
     finally:
@@ -324,10 +312,6 @@ def run_training(cfg: TrainConfig, cluster: ClusterConfig, data_path: str, *, ou
 
 def run_from_args(args: argparse.Namespace) -> int:
     """``mve train`` without ``--local``."""
-    from mve.commands import train_config_from_args
-    from mve.data import resolve_data_path
-    from mve.metrics import per_class_table
-
     cfg = train_config_from_args(args)
     data_path = str(resolve_data_path(args.data or cfg.data.path))
     cluster = ClusterConfig(num_workers=args.workers, use_gpu=args.gpu,
@@ -343,27 +327,16 @@ def run_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
+def run(args: argparse.Namespace) -> int:
+    """``mve train`` and ``python -m cluster.train``: on Ray Train, or in-process with --local."""
+    return local_train.run_from_args(args) if args.local else run_from_args(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m cluster.train``: the same options as ``mve train`` (Ray path)."""
-    from mve.cli import LOG_FORMAT, add_train_arguments
-    from mve.commands import is_user_error
-
-    parser = argparse.ArgumentParser(prog="python -m cluster.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_train_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
-    if args.local:
-        from mve.commands import train
-
-        return train(args)
-    try:
-        return run_from_args(args)
-    except Exception as exc:
-        if not is_user_error(exc):
-            raise
-        print(f"cluster.train: error: {exc}", file=sys.stderr)
-        return 2
+    """``python -m cluster.train``: the same options as ``mve train``."""
+    args = train_parser("python -m cluster.train", __doc__).parse_args(argv)
+    setup_logging()
+    return run_command(run, args, prog="cluster.train")
 
 
 if __name__ == "__main__":

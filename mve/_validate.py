@@ -8,10 +8,12 @@ from typing import Any, TypeVar
 
 import pydantic
 
+from mve.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file, preset or ``--set`` override that does not fit the typed config."""
 
 

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mve import __version__
+from mve.errors import UserError
 from mve.models import build_model, config_to_dict, get_spec, make_config
 
 __all__ = [
@@ -51,7 +52,7 @@ META = "mve.json"
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that is missing, malformed, tampered with or not in mve's format."""
 
 

@@ -1,4 +1,5 @@
-"""Typed training configuration: defaults < recipe preset < YAML files < ``--set`` overrides.
+"""Typed training configuration: recipe (``--preset``, else the best known) < YAML files <
+``--set`` overrides.
 
 A config file mirrors :meth:`TrainConfig.to_dict`::
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +32,7 @@ from mve.data.transforms import AugmentConfig
 from mve.models import config_to_dict, get_spec, make_config
 
 __all__ = [
-    "ConfigError", "DataConfig", "OptimConfig", "TrainConfig", "RECIPES", "load_train_config",
+    "ConfigError", "DataConfig", "OptimConfig", "TrainConfig", "RECIPES", "DEFAULT_RECIPE", "load_train_config", "read_yaml",
     "parse_overrides", "deep_merge",
 ]
 
@@ -109,10 +111,17 @@ class TrainConfig:
     averaging_decay: float = 0.95  # per-step decay (raised to averaging_every per update)
     averaging_every: int = 5  # steps between updates
     compile: bool = False  # torch.compile the model
+    # A recipe tuned at a large batch (fast: 1024) takes few steps on a small subset (--limit
+    # 3000: 2 per epoch) and learns nothing. With N > 0 the batch shrinks until an epoch has at
+    # least N steps (per worker, never below 32 images) and the lr scales with it (linear
+    # scaling of SGD's lr for the mean loss); 0 keeps the batch as configured.
+    min_steps_per_epoch: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.averaging_decay < 1:
             raise ValueError(f"averaging_decay must be in (0, 1), got {self.averaging_decay}")
+        if self.min_steps_per_epoch < 0:
+            raise ValueError(f"min_steps_per_epoch must be >= 0, got {self.min_steps_per_epoch}")
         if self.averaging_every < 1:
             raise ValueError(f"averaging_every must be >= 1, got {self.averaging_every}")
         if self.epochs < 1:
@@ -135,6 +144,23 @@ class TrainConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
         return _validate(copy.deepcopy(dict(data)))
 
+    def fitted_to(self, train_size: int, world_size: int = 1) -> TrainConfig:
+        """This config with the batch (and lr) that :attr:`min_steps_per_epoch` asks for on a
+        training split of ``train_size`` images over ``world_size`` workers."""
+        if self.min_steps_per_epoch <= 0:
+            return self
+        per_worker = train_size // max(1, world_size)
+        batch = min(self.batch_size, max(32, per_worker // self.min_steps_per_epoch))
+        if batch == self.batch_size:
+            return self
+        optim = dataclasses.replace(self.optim, lr=self.optim.lr * batch / self.batch_size)
+        return dataclasses.replace(self, batch_size=batch, optim=optim)
+
+    def with_data_path(self, path: str | os.PathLike[str]) -> TrainConfig:
+        """This config with ``data.path`` set to the resolved source, so that a saved config
+        records the data a run used."""
+        return dataclasses.replace(self, data=dataclasses.replace(self.data, path=str(path)))
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
@@ -147,8 +173,6 @@ def _asdict(obj: Any) -> Any:
     return obj
 
 
-# Recipes: partial configs per model family. "default" is the best known recipe and is
-# always applied first; other presets are merged on top of it.
 def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     """Recursively merges ``update`` into a copy of ``base`` (mappings merge, the rest replaces)."""
     out = copy.deepcopy(base)
@@ -175,53 +199,59 @@ _FAST: dict[str, Any] = {
                          "alternating_flip": True, "cutout": 0}},
     "batch_size": 1024, "eval_batch_size": 1000, "epochs": 10, "label_smoothing": 0.2,
     "averaging": "lookahead", "averaging_decay": 0.95, "averaging_every": 5,
+    "min_steps_per_epoch": 40,  # full data: 45,000 / 1024 = 43 steps, the batch stays 1024
 }
 
+# The note's network with Nesterov SGD, one-cycle, crop + flip and label smoothing: a small,
+# generic baseline (the classifier's default before the fast recipe became it).
+_BASELINE: dict[str, Any] = {
+    "model": {"preset": "seed"},
+    "optim": {"name": "sgd", "lr": 0.05, "weight_decay": 5e-4, "momentum": 0.9,
+              "nesterov": True, "schedule": "onecycle", "warmup": 0.2},
+    "data": {"augment": {"crop_padding": 4, "flip": True}},
+    "batch_size": 128, "epochs": 30, "label_smoothing": 0.1,
+}
+
+# The SD-style autoencoder objective (model preset "sd": latent 8x8x4, MSE pixel loss, KL
+# weight 0.01 warmed up over 10% of training); see mve/models/vae.py.
+_VAE: dict[str, Any] = {
+    "model": {"preset": "sd"},
+    "optim": {"name": "adamw", "lr": 2e-3, "weight_decay": 0.0, "momentum": 0.9,
+              "schedule": "cosine", "warmup": 0.05},
+    "data": {"augment": {"crop_padding": 0, "flip": True}},
+    "batch_size": 128, "epochs": 30, "label_smoothing": 0.0,
+}
+
+# Recipes: each preset is a whole partial config (dataclass defaults fill the rest); without
+# --preset a family trains DEFAULT_RECIPE, its best known recipe.
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "classifier": {
-        # General defaults under every preset: the note's network with Nesterov SGD, one-cycle,
-        # crop + flip and label smoothing (a small, cheap baseline for smoke runs and tests).
-        "default": {
-            "model": {"preset": "seed"},
-            "optim": {"name": "sgd", "lr": 0.05, "weight_decay": 5e-4, "momentum": 0.9,
-                      "nesterov": True, "schedule": "onecycle", "warmup": 0.2},
-            "data": {"augment": {"crop_padding": 4, "flip": True}},
-            "batch_size": 128, "epochs": 30, "label_smoothing": 0.1,
-        },
         # >= 90% validation accuracy in 10 epochs at < 1M parameters.
-        "fast": _FAST,
+        "fast": deep_merge(_BASELINE, _FAST),
         # As high as the budget allows: 40 epochs, 4-px translate and 12-px cutout.
-        "best": deep_merge(_FAST, {"data": {"augment": {"crop_padding": 4, "cutout": 12}},
-                                   "epochs": 40}),
-        # The research note's recipe, kept as the baseline: its model, Adam 1e-3, batch 125,
+        "best": deep_merge(_BASELINE, deep_merge(_FAST, {
+            "data": {"augment": {"crop_padding": 4, "cutout": 12}}, "epochs": 40})),
+        # The research note's recipe, kept as the reference: its model, Adam 1e-3, batch 125,
         # no augmentation, no schedule.
-        "seed": {
-            "model": {"preset": "seed"},
+        "seed": deep_merge(_BASELINE, {
             "optim": {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "momentum": 0.9,
                       "schedule": "constant", "warmup": 0.0},
             "data": {"augment": {"crop_padding": 0, "flip": False}},
-            "batch_size": 125, "epochs": 10, "label_smoothing": 0.0,
-        },
+            "batch_size": 125, "epochs": 10, "label_smoothing": 0.0}),
+        "baseline": _BASELINE,
     },
     "vae": {
-        # The SD-style autoencoder objective (model preset "sd": latent 8x8x4, MSE pixel loss,
-        # KL weight 0.01 warmed up over 10% of training); see mve/models/vae.py.
-        "default": {
-            "model": {"preset": "sd"},
-            "optim": {"name": "adamw", "lr": 2e-3, "weight_decay": 0.0, "momentum": 0.9,
-                      "schedule": "cosine", "warmup": 0.05},
-            "data": {"augment": {"crop_padding": 0, "flip": True}},
-            "batch_size": 128, "epochs": 30, "label_smoothing": 0.0,
-        },
+        "default": _VAE,
         # The GPU recipe of the shipped models/cifar10-vae (~1.8M images seen; add
         # --set precision=bf16 on a GPU).
-        "sd": {"model": {"preset": "sd"}, "batch_size": 256, "epochs": 40},
+        "sd": deep_merge(_VAE, {"model": {"preset": "sd"}, "batch_size": 256, "epochs": 40}),
         # The previous default: latent 8x8x8, discretised-Gaussian likelihood, beta = 1.
-        "elbo": {"model": {"preset": "default"}, "optim": {"lr": 1e-3},
-                 "batch_size": 64, "epochs": 30},
-        "tiny": {"model": {"preset": "tiny"}, "batch_size": 32, "epochs": 2},
+        "elbo": deep_merge(_VAE, {"model": {"preset": "default"}, "optim": {"lr": 1e-3},
+                                  "batch_size": 64, "epochs": 30}),
+        "tiny": deep_merge(_VAE, {"model": {"preset": "tiny"}, "batch_size": 32, "epochs": 2}),
     },
 }
+DEFAULT_RECIPE = {"classifier": "fast", "vae": "default"}
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
@@ -255,33 +285,41 @@ def _looks_numeric(s: str) -> bool:
     return True
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, what: str, error: type[Exception] = ConfigError) -> Any:
+    """The YAML document of ``path`` (None when empty); a missing or malformed file raises
+    ``error`` naming ``what`` it was meant to be (e.g. "config file", "search-space file")."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"config file {p} does not exist") from None
+        raise error(f"{what} {p} does not exist") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        raise error(f"{what} {p} is not valid YAML: {exc}") from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    data = read_yaml(path, "config file")
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        raise ConfigError(f"config file {Path(path)} must hold a mapping at the top level")
     return data
 
 
 def load_train_config(model: str = "classifier", *, preset: str | None = None,
                       files: Iterable[str | Path] = (), overrides: Iterable[str] = (),
                       extra: Mapping[str, Any] | None = None) -> TrainConfig:
-    """Resolves a :class:`TrainConfig` in order: recipe default < preset < files < extra < overrides."""
+    """Resolves a :class:`TrainConfig` in order: recipe (``preset``, else the family's
+    :data:`DEFAULT_RECIPE`) < files < extra < overrides."""
     get_spec(model)
     recipes = RECIPES.get(model, {})
-    data: dict[str, Any] = deep_merge({"model": {"name": model}}, recipes.get("default", {}))
-    if preset is not None:
-        if preset not in recipes:
-            raise ConfigError(f"unknown {model} preset {preset!r}; known: {', '.join(sorted(recipes))}")
-        data = deep_merge(data, recipes[preset])
-        data["preset"] = preset
+    name = preset or DEFAULT_RECIPE.get(model)
+    data: dict[str, Any] = {"model": {"name": model}}
+    if name is not None:
+        if name not in recipes:
+            raise ConfigError(f"unknown {model} preset {name!r}; known: {', '.join(sorted(recipes))}")
+        data = deep_merge(data, recipes[name])
+        data["preset"] = name
     for f in files:
         data = deep_merge(data, read_config_file(f))
     if extra:

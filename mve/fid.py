@@ -316,7 +316,7 @@ def reference_features(extractor: FeatureExtractor, images: Tensor, *, fingerpri
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
-    from mve.data.cache import _atomic_write
+    from mve.atomic import atomic_write
 
     key = hashlib.sha256(json.dumps([_CACHE_VERSION, fingerprint, extractor.name,
                                      len(images)]).encode()).hexdigest()[:32]
@@ -336,7 +336,7 @@ def reference_features(extractor: FeatureExtractor, images: Tensor, *, fingerpri
     out = {"features": feats.contiguous(), "mu": mu, "sigma": sigma.contiguous()}
     try:
         d.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, lambda tmp: save_file(out, tmp, metadata={
+        atomic_write(path, lambda tmp: save_file(out, tmp, metadata={
             "fingerprint": fingerprint, "extractor": extractor.name, "n": str(len(images))}))
     except OSError as exc:  # a read-only cache only costs time
         logger.warning("could not cache FID statistics in %s: %s", d, exc)

@@ -10,23 +10,26 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mve.atomic import atomic_write
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["plot_confusion_matrix", "plot_image_grid", "plot_learning_curves"]
+__all__ = ["new_figure", "save_figure", "plot_confusion_matrix", "plot_image_grid",
+           "plot_learning_curves"]
 
 _SPLIT_PREFIXES = ("train_", "val_", "test_")
 _SPLIT_STYLE = {"train": ("tab:blue", "-"), "val": ("tab:orange", "-"), "test": ("tab:green", "--")}
 
 
-def _new_figure(**kwargs: Any) -> Figure:
+def new_figure(**kwargs: Any) -> Figure:
+    """A pyplot-free Agg figure (no global state, no backend selection)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -35,22 +38,11 @@ def _new_figure(**kwargs: Any) -> Figure:
     return fig
 
 
-def _save_atomic(fig: Figure, path: str | os.PathLike[str], **savefig_kwargs: Any) -> Path:
-    """Saves ``fig`` as PNG to a temp file next to ``path`` and renames it into place."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Exclusive create via open() (not mkstemp) so the file gets the usual umask-based mode.
-    tmp = out.parent / f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
-    try:
-        with open(tmp, "xb") as fh:
-            savefig_kwargs.setdefault("bbox_inches", "tight")
-            savefig_kwargs.setdefault("pad_inches", 0.1)
-            fig.savefig(fh, format="png", **savefig_kwargs)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
+def save_figure(fig: Figure, path: str | os.PathLike[str], **savefig_kwargs: Any) -> Path:
+    """Saves ``fig`` as a PNG at ``path``, atomically."""
+    savefig_kwargs.setdefault("bbox_inches", "tight")
+    savefig_kwargs.setdefault("pad_inches", 0.1)
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", **savefig_kwargs))
 
 
 def plot_confusion_matrix(
@@ -93,7 +85,7 @@ def plot_confusion_matrix(
     data = values.numpy()
 
     side = max(4.0, 0.55 * k + 2.5)
-    fig = _new_figure(figsize=(side + 1.0, side), dpi=150, layout="constrained")
+    fig = new_figure(figsize=(side + 1.0, side), dpi=150, layout="constrained")
     ax = fig.add_subplot()
     im = ax.imshow(data, cmap="Blues", vmin=0.0, vmax=vmax, interpolation="nearest")
     cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
@@ -113,7 +105,7 @@ def plot_confusion_matrix(
                 text = f"{v:.1f}" if normalize else f"{int(round(v))}"
                 color = "white" if v > 0.55 * vmax else "black"
                 ax.text(j, i, text, ha="center", va="center", color=color, fontsize=fontsize)
-    return _save_atomic(fig, path)
+    return save_figure(fig, path)
 
 
 def _is_number(v: Any) -> bool:
@@ -179,7 +171,7 @@ def plot_learning_curves(
     n = len(bases)
     ncols = min(3, n)
     nrows = math.ceil(n / ncols)
-    fig = _new_figure(figsize=(4.2 * ncols, 3.2 * nrows), dpi=120, layout="constrained")
+    fig = new_figure(figsize=(4.2 * ncols, 3.2 * nrows), dpi=120, layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, base in zip(axes, bases, strict=False):
         positives = []
@@ -211,7 +203,7 @@ def plot_learning_curves(
         ax.set_visible(False)
     if title:
         fig.suptitle(title)
-    return _save_atomic(fig, path)
+    return save_figure(fig, path)
 
 
 def _to_uint8_images(images: torch.Tensor) -> torch.Tensor:
@@ -282,7 +274,7 @@ def plot_image_grid(
     gh, gw = grid.shape[1:]
     dpi = 100
     title_h = 30 if title else 0
-    fig = _new_figure(figsize=(gw / dpi, (gh + title_h) / dpi), dpi=dpi)
+    fig = new_figure(figsize=(gw / dpi, (gh + title_h) / dpi), dpi=dpi)
     ax = fig.add_axes((0.0, 0.0, 1.0, gh / (gh + title_h)))
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
     ax.set_axis_off()
@@ -296,4 +288,4 @@ def plot_image_grid(
         fig.text(
             0.5, 1.0 - (title_h / 2) / (gh + title_h), title, ha="center", va="center", fontsize=11
         )
-    return _save_atomic(fig, path)
+    return save_figure(fig, path)

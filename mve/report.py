@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shlex
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 
 from mve import __version__
+from mve.atomic import write_json, write_text
 from mve.metrics import per_class_table
 
 __all__ = ["run_info", "write_json", "write_run_report", "format_vae_metrics", "vae_grids",
@@ -36,7 +36,7 @@ def _git_sha() -> dict[str, Any]:
 def _command(argv: Sequence[str]) -> str:
     """The command line as a user would type it (``mve ...`` for the CLI however it started)."""
     args = list(argv)
-    if args and (Path(args[0]).name == "mve" or args[0].endswith(("mve/cli.py", "-m mve.cli"))):
+    if args and (Path(args[0]).name == "mve" or args[0].endswith(("mve_cli/__main__.py", "mve_cli/main.py"))):
         args[0] = "mve"
     return " ".join(shlex.quote(a) if a and not a.startswith("mve") else a for a in args)
 
@@ -54,16 +54,6 @@ def run_info(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "cuda": torch.cuda.is_available(),
         **_git_sha(),
     }
-
-
-def write_json(path: str | Path, data: Any) -> Path:
-    """Writes JSON atomically."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, p)
-    return p
 
 
 def format_vae_metrics(m: Mapping[str, Any], prefix: str = "") -> str:
@@ -204,8 +194,4 @@ def write_vae_report(out: str | Path, model: torch.nn.Module, val_images: torch.
         if (out / name).exists():
             parts += [f"## {head}", "", caption, "", f"![{name}]({name})", ""]
     parts += ["## Reproduce", "", "```bash", reproduce or "(command not recorded)", "```", ""]
-    path = out / "REPORT.md"
-    tmp = out / f".REPORT.md.tmp-{os.getpid()}"
-    tmp.write_text("\n".join(parts))
-    os.replace(tmp, path)
-    return path
+    return write_text(out / "REPORT.md", "\n".join(parts))

@@ -1,7 +1,7 @@
 """Run directories: epoch checkpoints, the final checkpoint, and the run's report.
 
 Shared by the local trainer (``mve train --local``) and the Ray entrypoints in ``cluster/``,
-which hand over only a checkpoint directory and the metric history.
+which hand over a checkpoint (a directory, or one already loaded) and the metric history.
 """
 
 from __future__ import annotations
@@ -16,19 +16,21 @@ from typing import Any
 
 import torch
 
+from mve.atomic import write_json, write_text
 from mve.checkpoint import (
+    Checkpoint,
     CheckpointError,
     load_checkpoint,
-    read_meta,
     save_checkpoint,
+    unflatten_state,
     verify_checkpoint,
 )
 from mve.config import TrainConfig
 from mve.models import get_spec
-from mve.report import vae_grids, write_json, write_run_report
+from mve.report import vae_grids, write_run_report
 
-__all__ = ["latest_checkpoint", "keep_checkpoint", "publish_checkpoint", "eval_details",
-           "finalize_run"]
+__all__ = ["latest_checkpoint", "keep_checkpoint", "publish_checkpoint", "checkpoint_history",
+           "eval_details", "finalize_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +66,46 @@ def keep_checkpoint(src: Path, dest: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def publish_checkpoint(ckpt: Path, out: Path) -> Path:
-    """Writes ``ckpt``'s model into ``out`` as a servable checkpoint, without optimiser state."""
-    meta = read_meta(ckpt)
-    loaded = load_checkpoint(ckpt)
-    return save_checkpoint(out, loaded.model, model_name=meta["model_name"],
+def _loaded(ckpt: Path | Checkpoint) -> Checkpoint:
+    return ckpt if isinstance(ckpt, Checkpoint) else load_checkpoint(ckpt)
+
+
+def publish_checkpoint(ckpt: Path | Checkpoint, out: Path) -> Path:
+    """Writes ``ckpt``'s model into ``out`` as a servable checkpoint, without optimiser state.
+
+    ``ckpt`` is a checkpoint directory, or one already loaded (then nothing is read again).
+    """
+    loaded = _loaded(ckpt)
+    meta = loaded.meta
+    return save_checkpoint(out, loaded.model, model_name=loaded.model_name,
                            model_config=loaded.model_config, preprocessing=meta["preprocessing"],
                            class_names=meta.get("class_names"), metrics=meta.get("metrics"),
                            provenance=meta.get("provenance"), train_config=meta.get("train_config"))
+
+
+class _NoTensors(dict):
+    """Stands in for a training state's tensors: every reference reads as ``None``."""
+
+    def __missing__(self, key: str) -> None:
+        return None
+
+
+def checkpoint_history(ckpt: Checkpoint) -> list[dict[str, Any]]:
+    """The metric history in a loaded checkpoint's training state (``[]`` without one).
+
+    The history is plain JSON inside the manifest's training-state skeleton, so it is read
+    from ``ckpt.meta`` without opening the state's tensor file (optimiser moments and such).
+    """
+    skeleton = ckpt.meta.get("training_state")
+    if skeleton is None:
+        return []
+    try:
+        state = unflatten_state(skeleton, _NoTensors())
+    except Exception as exc:  # noqa: BLE001 - the history only feeds the report's plots
+        logger.warning("%s: no history from its training state: %s", ckpt.path, exc)
+        return []
+    history = state.get("history") if isinstance(state, dict) else None
+    return [dict(row) for row in history] if isinstance(history, list) else []
 
 
 def eval_details(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -79,25 +113,29 @@ def eval_details(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k.removeprefix("val_"): v for k, v in metrics.items() if k.startswith("val_")}
 
 
-def finalize_run(out: str | Path, final_ckpt: Path, *, cfg: TrainConfig,
-                 history: Sequence[dict[str, Any]], command: str,
+def finalize_run(out: str | Path, final_ckpt: Path | Checkpoint, *, cfg: TrainConfig,
+                 history: Sequence[dict[str, Any]] | None = None, command: str,
                  val_images: torch.Tensor | None = None) -> dict[str, Any]:
     """Makes ``out`` the final checkpoint and writes history, config and REPORT.md with plots.
 
+    ``final_ckpt`` is a checkpoint directory, loaded here once, or a checkpoint already loaded
+    (as the Tune export passes it); ``history`` defaults to the one in its training state.
     Returns the validation metrics of the final checkpoint.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    publish_checkpoint(final_ckpt, out)
-    meta = read_meta(out)
+    ckpt = _loaded(final_ckpt)
+    history = list(checkpoint_history(ckpt) if history is None else history)
+    publish_checkpoint(ckpt, out)  # the same model, metrics and preprocessing as `ckpt`
+    meta = ckpt.meta
     details = eval_details(meta.get("metrics", {}))
-    write_json(out / "history.json", list(history))
-    (out / "config.yaml").write_text(cfg.to_yaml())
+    write_json(out / "history.json", history)
+    write_text(out / "config.yaml", cfg.to_yaml())
     task = get_spec(cfg.model).task
     if task == "generation" and val_images is not None and len(val_images):
         prep = meta["preprocessing"]
-        vae_grids(load_checkpoint(out).model, val_images, out, mean=prep["mean"], std=prep["std"])
-    write_run_report(out, title=f"mve {cfg.model}", cfg_yaml=cfg.to_yaml(), history=list(history),
+        vae_grids(ckpt.model, val_images, out, mean=prep["mean"], std=prep["std"])
+    write_run_report(out, title=f"mve {cfg.model}", cfg_yaml=cfg.to_yaml(), history=history,
                      eval_metrics=details, class_names=meta.get("class_names"), task=task,
                      command=command)
     logger.info("wrote checkpoint and report to %s", out)

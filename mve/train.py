@@ -1,35 +1,36 @@
-"""The training loop as plain functions: ``train_one_epoch``, ``evaluate`` and ``fit``.
+"""The training loop as plain functions: ``fit`` over ``train_one_epoch`` and ``evaluate``.
 
 Rank, world size, device and reporting are passed in; nothing is read from the
 environment. ``cluster/`` wraps ``fit`` for Ray Train by passing a reporter that calls
-``ray.train.report`` and a ``wrap_model`` hook that calls ``prepare_model``.
+``ray.train.report`` and a ``wrap_model`` hook that calls ``prepare_model``. One epoch's pass
+lives in ``mve.loop``, the optimiser and schedules in ``mve.optim`` (both re-exported here).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
 from mve.averaging import WeightAverager
-from mve.checkpoint import load_checkpoint, load_training_state, save_checkpoint, unwrap_model
-from mve.config import OptimConfig, TrainConfig
+from mve.checkpoint import load_checkpoint, load_training_state, save_checkpoint
+from mve.config import TrainConfig
 from mve.data import DataBundle, Split, TensorLoader
 from mve.data.transforms import normalize
-from mve.metrics import ConfusionMatrix, MeanAccumulator, psnr, ssim
+from mve.loop import Stepper, evaluate, step_for, train_one_epoch
 from mve.models import build_model, get_spec
+from mve.optim import build_optimizer, build_scheduler, lr_factor
+from mve.perceptual import perceptual_network
 
 __all__ = [
     "Reporter", "FitResult", "build_optimizer", "lr_factor", "build_scheduler",
@@ -39,209 +40,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Reporter = Callable[[dict[str, Any], "Path | None"], None]
-
-
-class _Stepper(Protocol):
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor
-                 ) -> tuple[torch.Tensor, dict[str, float]]: ...
-
-
-# -- optimiser and schedule ------------------------------------------------------------
-
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """Three parameter groups; frozen parameters are left out.
-
-    - conv/linear weights: ``lr`` and ``weight_decay``;
-    - normalisation parameters (BatchNorm/GroupNorm/LayerNorm): ``bias_lr_scale`` times the lr;
-    - other biases: ``lr``.
-    With ``decay_biases`` the last two decay by the same absolute amount per step as the
-    weights (airbench: ``weight_decay / lr_scale``), else not at all.
-    """
-    norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-    norm_ids = {id(p) for m in model.modules() if isinstance(m, norm_types)
-                for p in m.parameters(recurse=False)}
-    decay, norms, biases = [], [], []
-    for _, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if id(p) in norm_ids:
-            norms.append(p)
-        elif p.ndim > 1:
-            decay.append(p)
-        else:
-            biases.append(p)
-    scale = cfg.bias_lr_scale
-    wd = cfg.weight_decay if cfg.decay_biases else 0.0
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
-              {"params": norms, "weight_decay": wd / scale, "lr": cfg.lr * scale},
-              {"params": biases, "weight_decay": wd, "lr": cfg.lr}]
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.nesterov and cfg.momentum > 0)
-    betas = (cfg.momentum, cfg.beta2)
-    if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=betas)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas)
-
-
-def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
-    """Multiplier of the peak lr at ``step`` (0-based) of ``total`` steps.
-
-    onecycle: linear warm-up from 0.1x, then cosine to ``final_lr_fraction``; cosine: linear
-    warm-up from 0, then cosine; linear: warm-up then linear decay (airbench's triangle).
-    ``warmup_start`` overrides where the warm-up starts.
-    """
-    if cfg.schedule == "constant" or total <= 1:
-        return 1.0
-    warm = int(round(cfg.warmup * total))
-    final = cfg.final_lr_fraction
-    if step < warm:
-        start = cfg.warmup_start
-        if start is None:
-            start = 0.1 if cfg.schedule == "onecycle" else 0.0
-        return start + (1.0 - start) * (step + 1) / warm
-    t = (step - warm) / max(1, total - 1 - warm)  # 0 -> 1 over the decay phase
-    t = min(max(t, 0.0), 1.0)
-    if cfg.schedule == "linear":
-        return 1.0 + (final - 1.0) * t
-    return final + (1.0 - final) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-def build_scheduler(opt: torch.optim.Optimizer, total_steps: int, cfg: OptimConfig
-                    ) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, cfg))
-
-
-# -- tasks -----------------------------------------------------------------------------
-
-def _classifier_step(label_smoothing: float) -> _Stepper:
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-
-    def step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-        logits = model(x)
-        loss = loss_fn(logits, y)
-        acc = (logits.argmax(1) == y).float().mean()
-        return loss, {"loss": loss.detach(), "accuracy": acc}
-
-    return step
-
-
-def _vae_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    out = model(x)
-    terms = unwrap_model(model).loss(x, out)
-    return terms["loss"], {k: v.detach() for k, v in terms.items()}
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _all_reduce_means(acc: MeanAccumulator, device: torch.device, world_size: int) -> dict[str, float]:
-    """Sample-weighted means over all ranks (a no-op for one process)."""
-    local = acc.compute()
-    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
-        return local
-    keys = sorted(local)
-    n = float(acc.count)
-    t = torch.tensor([local[k] * n for k in keys] + [n], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return {k: (t[i] / t[-1]).item() for i, k in enumerate(keys)}
-
-
-def train_one_epoch(model: nn.Module, loader: TensorLoader, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler | None, step_fn: _Stepper, *,
-                    device: torch.device, precision: str = "fp32", grad_clip: float | None = None,
-                    world_size: int = 1, progress: bool = False, desc: str = "train",
-                    averager: WeightAverager | None = None, start_step: int = 0,
-                    total_steps: int | None = None) -> dict[str, float]:
-    """One pass over ``loader``; returns sample-weighted means of the step metrics and images/s.
-
-    ``start_step``/``total_steps`` place the epoch in the run: the model's
-    ``set_train_progress(fraction)`` (when it has one, e.g. for KL annealing) is called before
-    every step, and ``averager`` is updated after every optimiser step.
-    """
-    model.train()
-    net = unwrap_model(model)
-    progress_hook = getattr(net, "set_train_progress", None)
-    total = total_steps or max(1, start_step + len(loader))
-    acc = MeanAccumulator()
-    start, seen = time.perf_counter(), 0
-    step = start_step
-    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch")
-    for x, y in bar:
-        if progress_hook is not None:
-            progress_hook(step / total)
-        with _autocast(device, precision):
-            loss, stats = step_fn(model, x, y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()}; lower optim.lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        step += 1
-        if scheduler is not None:
-            scheduler.step()
-        if averager is not None:
-            averager.update(net, step)
-        acc.update({k: float(v) for k, v in stats.items()}, n=len(y))
-        seen += len(y)
-        if progress:
-            bar.set_postfix(loss=f"{acc.compute()['loss']:.3f}", refresh=False)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - start
-    out = _all_reduce_means(acc, device, world_size)
-    out["images_per_s"] = seen * world_size / max(elapsed, 1e-9)
-    out["time_s"] = elapsed
-    out["lr"] = optimizer.param_groups[0]["lr"]
-    return out
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: TensorLoader, *, task: str, device: torch.device,
-             class_names: list[str] | tuple[str, ...] | None = None, precision: str = "fp32",
-             label_smoothing: float = 0.0, progress: bool = False) -> dict[str, Any]:
-    """Evaluates on every sample of ``loader`` in eval mode.
-
-    Classification: loss, accuracy, mean per-class accuracy, per-class precision/recall/F1,
-    macro F1 and the confusion matrix. Generation (VAE): loss, reconstruction MSE, PSNR and
-    SSIM (pixels in [0, 1]), KL and the ELBO in bits/dim.
-    """
-    was_training = model.training
-    model.eval()
-    net = unwrap_model(model)
-    acc = MeanAccumulator()
-    cm = ConfusionMatrix(len(class_names)) if task == "classification" else None
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    for x, y in tqdm(loader, desc="eval", leave=False, disable=not progress, unit="batch"):
-        with _autocast(device, precision):
-            if task == "classification":
-                logits = net(x).float()
-                acc.update({"loss": loss_fn(logits, y).item()}, n=len(y))
-                cm.update(logits.argmax(1), y)
-            else:
-                out = net(x)
-                terms = net.loss(x, out)
-                a, b = _to_unit(x), _to_unit(out.recon.float())
-                stats = {k: float(v) for k, v in terms.items()}
-                stats["psnr"] = psnr(b, a).mean().item()
-                stats["ssim"] = ssim(b, a).mean().item()
-                acc.update(stats, n=len(y))
-    model.train(was_training)
-    out_metrics: dict[str, Any] = dict(acc.compute())
-    if cm is not None:
-        out_metrics.update(cm.compute(class_names))
-    out_metrics["num_samples"] = acc.count
-    return out_metrics
-
-
-def _to_unit(x: torch.Tensor) -> torch.Tensor:
-    """VAE model space [-1, 1] -> pixels in [0, 1] (quantised like a saved image)."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round() / 255.0
 
 
 # -- fit -------------------------------------------------------------------------------
@@ -287,116 +85,239 @@ def fit(cfg: TrainConfig, data: DataBundle, *, device: torch.device | str = "cpu
     (weights + training state) to a temporary directory, and every rank calls
     ``report(metrics, checkpoint_dir_or_None)``; the directory is deleted after ``report``
     returns, so a reporter must copy what it keeps. ``resume_from`` continues from such
-    a checkpoint (epochs already done are skipped).
+    a checkpoint (epochs already done are skipped). What a model's loss needs from disk (the
+    VAE's perceptual network, ``mve.perceptual``) is loaded here and injected into the model.
     """
-    device = torch.device(device)
+    run = _setup(cfg, data, torch.device(device), rank=rank, world_size=world_size,
+                 resume_from=resume_from, wrap_model=wrap_model)
+    show = progress and rank == 0
+    metrics: dict[str, Any] = {}
+    for epoch in tqdm(range(run.start_epoch, cfg.epochs), desc=f"{cfg.model} epochs",
+                      disable=not show, unit="epoch", initial=run.start_epoch, total=cfg.epochs):
+        metrics = _run_epoch(run, epoch, show)
+        done = epoch + 1
+        ckpt_dir = None
+        if rank == 0 and (done % checkpoint_every == 0 or done == cfg.epochs):
+            ckpt_dir = _save_epoch_checkpoint(run, done, metrics)
+        _report(report, metrics, ckpt_dir)
+    _keep_average(run)
+    return FitResult(run.net, run.history, metrics)
+
+
+# -- fit: setup and resume --------------------------------------------------------------
+
+@dataclass
+class _Run:
+    """What ``fit`` sets up once and every epoch reads (``history`` and ``train_time`` grow)."""
+
+    cfg: TrainConfig
+    data: DataBundle
+    device: torch.device
+    rank: int
+    world_size: int
+    task: str
+    prep: dict[str, Any]
+    net: nn.Module  # the bare model: averaged, checkpointed and returned
+    model: nn.Module  # ``net`` as trained: wrapped by ``wrap_model`` and torch.compile
+    train_loader: TensorLoader
+    val_loader: TensorLoader | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    averager: WeightAverager | None
+    step_fn: Stepper
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_time: float = 0.0  # seconds of training over all epochs, resumed ones included
+
+
+def _setup(cfg: TrainConfig, data: DataBundle, device: torch.device, *, rank: int,
+           world_size: int, resume_from: str | Path | None,
+           wrap_model: Callable[[nn.Module], nn.Module] | None) -> _Run:
+    """Seeds, checks the data, builds (or resumes) the model, its loaders, optimiser, schedule
+    and weight averager."""
     torch.manual_seed(cfg.seed + rank)
+    fitted = cfg.fitted_to(len(data.train), world_size)
+    if fitted is not cfg:
+        logger.info("%d training images: batch %d -> %d and lr %.4g -> %.4g, for at least %d "
+                    "steps per epoch (min_steps_per_epoch)", len(data.train), cfg.batch_size,
+                    fitted.batch_size, cfg.optim.lr, fitted.optim.lr, cfg.min_steps_per_epoch)
+        cfg = fitted
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
-    spec = get_spec(cfg.model)
-    class_names = list(data.class_names)
-    if spec.task == "classification" and cfg.model_config.num_classes != len(class_names):
-        raise ValueError(f"model.num_classes={cfg.model_config.num_classes} but the data has "
-                         f"{len(class_names)} classes ({', '.join(class_names)})")
+    task = get_spec(cfg.model).task
+    _check_classes(cfg, task, data)
     prep = preprocessing_for(cfg, data)
-    model = build_model(cfg.model, cfg.model_config).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    start_epoch, history = 0, []
-    state = None
+    net = _build_model(cfg, device)
+    start_epoch, history, state = 0, [], None
     if resume_from is not None:
-        ckpt = load_checkpoint(resume_from, device=device)
-        model.load_state_dict(ckpt.model.state_dict())
-        state = load_training_state(resume_from)
-        if state is not None:
-            start_epoch, history = int(state["epoch"]), list(state.get("history", []))
-            if "raw_model" in state:  # EMA runs save the average; training resumes on the raw
-                model.load_state_dict({**model.state_dict(), **state["raw_model"]})
-        logger.info("resuming from %s at epoch %d", resume_from, start_epoch)
-    elif hasattr(model, "init_from_data"):
-        model.init_from_data(_init_batch(data.train, prep, device))
-    net = model
-    if wrap_model is not None:
-        model = wrap_model(model)
+        start_epoch, history, state = _resume_weights(net, resume_from, device)
+    elif hasattr(net, "init_from_data"):
+        net.init_from_data(_init_batch(data.train, prep, device))
+    model = wrap_model(net) if wrap_model is not None else net
     if cfg.compile:
         model = torch.compile(model)
-    train_loader = make_loader(data.train, cfg, prep, train=True, rank=rank,
-                               world_size=world_size, device=device)
-    val_loader = (make_loader(data.val, cfg, prep, train=False, device=device)
-                  if data.val is not None and len(data.val) else None)
+    train_loader, val_loader = _loaders(cfg, data, prep, rank=rank, world_size=world_size,
+                                        device=device)
     optimizer = build_optimizer(model, cfg.optim)
-    steps_per_epoch = len(train_loader)
-    total_steps = cfg.epochs * steps_per_epoch
+    total_steps = cfg.epochs * len(train_loader)
     scheduler = build_scheduler(optimizer, total_steps, cfg.optim)
     averager = (WeightAverager(net, mode=cfg.averaging, decay=cfg.averaging_decay,
                                every=cfg.averaging_every, total_steps=total_steps)
                 if cfg.averaging != "none" else None)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if averager is not None and "averager" in state:
-            averager.load_state_dict(state["averager"])
-    step_fn = (_classifier_step(cfg.label_smoothing) if spec.task == "classification"
-               else _vae_step)
-    show = progress and rank == 0
-    metrics: dict[str, Any] = {}
+        _restore_training_state(state, optimizer, scheduler, averager)
+    step_fn = step_for(task, cfg.label_smoothing)
     train_time = float(history[-1].get("train_time_s", 0.0)) if history else 0.0
-    epochs = range(start_epoch, cfg.epochs)
-    for epoch in tqdm(epochs, desc=f"{cfg.model} epochs", disable=not show, unit="epoch",
-                      initial=start_epoch, total=cfg.epochs):
-        train_loader.set_epoch(epoch)
-        train_m = train_one_epoch(model, train_loader, optimizer, scheduler, step_fn,
-                                  device=device, precision=cfg.precision,
-                                  grad_clip=cfg.optim.grad_clip, world_size=world_size,
-                                  progress=show, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                                  averager=averager, start_step=epoch * steps_per_epoch,
-                                  total_steps=total_steps)
-        train_time += train_m["time_s"]
-        metrics = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in train_m.items()},
-                   "train_time_s": train_time}
-        if rank == 0 and val_loader is not None:
-            t0 = time.perf_counter()
-            with _averaged(averager, net):
-                val_m = evaluate(model, val_loader, task=spec.task, device=device,
-                                 class_names=class_names, precision=cfg.precision)
-            metrics["val_time_s"] = time.perf_counter() - t0
-            metrics.update({f"val_{k}": v for k, v in val_m.items()
-                            if isinstance(v, int | float) and k != "num_samples"})
-            metrics["_val_details"] = val_m
-        history.append({k: v for k, v in metrics.items() if not k.startswith("_")})
-        if rank == 0:
-            logger.info("epoch %d: %s", epoch + 1, _brief(history[-1]))
-        ckpt_dir = None
-        is_last = epoch + 1 == cfg.epochs
-        if rank == 0 and ((epoch + 1) % checkpoint_every == 0 or is_last):
-            ckpt_dir = Path(tempfile.mkdtemp(prefix="mve-ckpt-")) / "checkpoint"
-            training_state = {"epoch": epoch + 1, "history": history,
-                              "optimizer": optimizer.state_dict(),
-                              "scheduler": scheduler.state_dict()}
-            if averager is not None:
-                training_state["averager"] = averager.state_dict()
-                if averager.mode == "ema":
-                    training_state["raw_model"] = {
-                        k: v.detach().clone() for k, v in net.state_dict().items()
-                        if v.is_floating_point()}
-            with _averaged(averager, net):
-                save_checkpoint(
-                    ckpt_dir, net, model_name=cfg.model, model_config=cfg.model_config,
-                    preprocessing=prep, class_names=class_names,
-                    metrics=_checkpoint_metrics(metrics), provenance=data.provenance,
-                    train_config=cfg.to_dict(), training_state=training_state)
-        try:
-            if report is not None:
-                report(metrics, ckpt_dir)
-        finally:
-            if ckpt_dir is not None:
-                shutil.rmtree(ckpt_dir.parent, ignore_errors=True)
-    if averager is not None and averager.mode == "ema":
-        with torch.no_grad():  # the returned model carries the averaged weights
-            for k, v in net.state_dict().items():
-                if k in averager.avg:
-                    v.copy_(averager.avg[k])
-    return FitResult(net, history, metrics)
+    return _Run(cfg=cfg, data=data, device=device, rank=rank, world_size=world_size, task=task,
+                prep=prep, net=net, model=model, train_loader=train_loader,
+                val_loader=val_loader, optimizer=optimizer, scheduler=scheduler,
+                averager=averager, step_fn=step_fn, start_epoch=start_epoch, history=history,
+                train_time=train_time)
+
+
+def _check_classes(cfg: TrainConfig, task: str, data: DataBundle) -> None:
+    names = list(data.class_names)
+    if task == "classification" and cfg.model_config.num_classes != len(names):
+        raise ValueError(f"model.num_classes={cfg.model_config.num_classes} but the data has "
+                         f"{len(names)} classes ({', '.join(names)})")
+
+
+def _build_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """The model on ``device``, with the collaborators its loss needs injected: models do no
+    I/O, so what a loss reads from disk (the perceptual network) is loaded here."""
+    model = build_model(cfg.model, cfg.model_config).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    mc = cfg.model_config
+    if getattr(mc, "perceptual_weight", 0) > 0:
+        model.set_perceptual(perceptual_network(mc.perceptual_classifier, device,
+                                                stages=mc.perceptual_layers))
+    return model
+
+
+def _resume_weights(model: nn.Module, path: str | Path, device: torch.device
+                    ) -> tuple[int, list[dict[str, Any]], dict[str, Any] | None]:
+    """Loads the weights saved at ``path`` into ``model``; returns the epochs done, the history
+    and the training state (None for a weights-only checkpoint)."""
+    ckpt = load_checkpoint(path, device=device)
+    model.load_state_dict(ckpt.model.state_dict())
+    state = load_training_state(path)
+    start_epoch, history = 0, []
+    if state is not None:
+        start_epoch, history = int(state["epoch"]), list(state.get("history", []))
+        if "raw_model" in state:  # EMA runs save the average; training resumes on the raw
+            model.load_state_dict({**model.state_dict(), **state["raw_model"]})
+    logger.info("resuming from %s at epoch %d", path, start_epoch)
+    return start_epoch, history, state
+
+
+def _loaders(cfg: TrainConfig, data: DataBundle, prep: Mapping[str, Any], *, rank: int,
+             world_size: int, device: torch.device) -> tuple[TensorLoader, TensorLoader | None]:
+    """This rank's training loader and, when the data has a validation split, its loader."""
+    train = make_loader(data.train, cfg, prep, train=True, rank=rank, world_size=world_size,
+                        device=device)
+    val = (make_loader(data.val, cfg, prep, train=False, device=device)
+           if data.val is not None and len(data.val) else None)
+    return train, val
+
+
+def _restore_training_state(state: Mapping[str, Any], optimizer: torch.optim.Optimizer,
+                            scheduler: torch.optim.lr_scheduler.LRScheduler,
+                            averager: WeightAverager | None) -> None:
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if averager is not None and "averager" in state:
+        averager.load_state_dict(state["averager"])
+
+
+# -- fit: one epoch and its validation ----------------------------------------------------
+
+def _run_epoch(run: _Run, epoch: int, show: bool) -> dict[str, Any]:
+    """Trains epoch ``epoch`` (0-based), validates on rank 0 and appends to the history; returns
+    the epoch's metrics (with the full validation results under ``_val_details``)."""
+    cfg, steps = run.cfg, len(run.train_loader)
+    run.train_loader.set_epoch(epoch)
+    train_m = train_one_epoch(run.model, run.train_loader, run.optimizer, run.scheduler,
+                              run.step_fn, device=run.device, precision=cfg.precision,
+                              grad_clip=cfg.optim.grad_clip, world_size=run.world_size,
+                              progress=show, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                              averager=run.averager, start_step=epoch * steps,
+                              total_steps=cfg.epochs * steps)
+    run.train_time += train_m["time_s"]
+    metrics = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in train_m.items()},
+               "train_time_s": run.train_time}
+    if run.rank == 0 and run.val_loader is not None:
+        metrics.update(_validate(run))
+    run.history.append({k: v for k, v in metrics.items() if not k.startswith("_")})
+    if run.rank == 0:
+        logger.info("epoch %d: %s", epoch + 1, _brief(run.history[-1]))
+    return metrics
+
+
+def _validate(run: _Run) -> dict[str, Any]:
+    """Validation of the (averaged) model: ``val_time_s``, the scalar metrics prefixed
+    ``val_``, and everything ``evaluate`` returned under ``_val_details``."""
+    t0 = time.perf_counter()
+    with _averaged(run.averager, run.net):
+        val_m = evaluate(run.model, run.val_loader, task=run.task, device=run.device,
+                         class_names=list(run.data.class_names), precision=run.cfg.precision)
+    out: dict[str, Any] = {"val_time_s": time.perf_counter() - t0}
+    out.update({f"val_{k}": v for k, v in val_m.items()
+                if isinstance(v, int | float) and k != "num_samples"})
+    out["_val_details"] = val_m
+    return out
+
+
+# -- fit: checkpoints and reports ---------------------------------------------------------
+
+def _save_epoch_checkpoint(run: _Run, epochs_done: int, metrics: Mapping[str, Any]) -> Path:
+    """Writes the weights (the average, for EMA) and the training state to a new temporary
+    directory; returns it (``fit`` deletes it once reported)."""
+    cfg = run.cfg
+    ckpt_dir = Path(tempfile.mkdtemp(prefix="mve-ckpt-")) / "checkpoint"
+    training_state = _training_state(run, epochs_done)  # before averaging: keeps raw weights
+    with _averaged(run.averager, run.net):
+        save_checkpoint(
+            ckpt_dir, run.net, model_name=cfg.model, model_config=cfg.model_config,
+            preprocessing=run.prep, class_names=list(run.data.class_names),
+            metrics=_checkpoint_metrics(metrics), provenance=run.data.provenance,
+            train_config=cfg.to_dict(), training_state=training_state)
+    return ckpt_dir
+
+
+def _training_state(run: _Run, epochs_done: int) -> dict[str, Any]:
+    """What resuming needs beyond the weights; EMA runs also keep the raw (unaveraged) ones."""
+    state: dict[str, Any] = {"epoch": epochs_done, "history": run.history,
+                             "optimizer": run.optimizer.state_dict(),
+                             "scheduler": run.scheduler.state_dict()}
+    averager = run.averager
+    if averager is not None:
+        state["averager"] = averager.state_dict()
+        if averager.mode == "ema":
+            state["raw_model"] = {k: v.detach().clone() for k, v in run.net.state_dict().items()
+                                  if v.is_floating_point()}
+    return state
+
+
+def _report(report: Reporter | None, metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
+    """Calls ``report`` (when given), then deletes the temporary checkpoint whatever happens."""
+    try:
+        if report is not None:
+            report(metrics, ckpt_dir)
+    finally:
+        if ckpt_dir is not None:
+            shutil.rmtree(ckpt_dir.parent, ignore_errors=True)
+
+
+def _keep_average(run: _Run) -> None:
+    """EMA runs return the model with the averaged weights."""
+    averager = run.averager
+    if averager is None or averager.mode != "ema":
+        return
+    with torch.no_grad():
+        for k, v in run.net.state_dict().items():
+            if k in averager.avg:
+                v.copy_(averager.avg[k])
 
 
 def _averaged(averager: WeightAverager | None, net: nn.Module):

@@ -11,15 +11,13 @@ from typing import Any
 import numpy as np
 import torch
 from fastapi import Request
-from ray import serve
 from starlette.responses import Response
 
 from serve_app import parsing as P
 from serve_app.api import ERRORS, current_server, image_body, new_app
 from serve_app.loading import LoadedModel
-from serve_app.model_server import ModelServer
+from serve_app.model_server import ModelServer, model_ingress
 from serve_app.oip import InferRequest
-from serve_app.oip_routes import add_oip_routes
 from serve_app.schemas import ClassifyJSON, ClassifyParams, ClassifyResponse
 
 __all__ = ["app", "ClassifierServer"]
@@ -40,19 +38,9 @@ async def classify(request: Request) -> Response:
                     media_type="application/json")
 
 
-# Before the class: @serve.ingress takes the app's routes as they are when it runs.
-add_oip_routes(app, "classifier")
-
-
-@serve.deployment(
-    name="Classifier", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25},
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16},
-    health_check_period_s=10, graceful_shutdown_timeout_s=20)
-@serve.ingress(app)
+@model_ingress(app, "classifier", "Classifier", max_ongoing=64, target_ongoing=16)
 class ClassifierServer(ModelServer):
     """The image classifier behind its own routes; batched, hot-swappable."""
-
-    kind = "classifier"
 
     def _forward(self, model: LoadedModel, x: torch.Tensor) -> torch.Tensor:
         return model.ckpt.model(x).float().softmax(dim=-1)

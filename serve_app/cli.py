@@ -5,8 +5,8 @@
     mve generate --n 16 --temperature 0.8 --seed 0 --out grid.png          # via a server
     mve generate --vae models/cifar10-vae --mode variations --image cat.png --out var.png
 
-Also runnable without ``mve/cli.py``: ``python -m serve_app.cli serve --classifier runs/clf``.
-The ``add_*_arguments`` functions use argparse only; ``serve_command`` imports Ray when it
+Also runnable without the ``mve`` command: ``python -m serve_app.cli serve --classifier runs/clf``.
+The ``*_parent`` functions (argparse parent parsers) use argparse only; ``serve_command`` imports Ray when it
 runs, ``predict_command``/``generate_command`` never do (they use :mod:`serve_app.client`).
 """
 
@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from serve_app.embedded import add_serve_arguments, apply_default_models, serve_command, user_error
+from mve.atomic import write_bytes
+from mve.errors import UserError, run_command
+from serve_app.embedded import apply_default_models, serve_command, serve_parent
 
-__all__ = ["add_serve_arguments", "add_predict_arguments", "add_generate_arguments",
+__all__ = ["serve_parent", "predict_parent", "generate_parent",
            "apply_default_models", "serve_command", "predict_command", "generate_command",
            "generate_local", "main"]
 
@@ -33,20 +34,23 @@ def _client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (60)")
 
 
-def add_predict_arguments(p: argparse.ArgumentParser) -> None:
+def predict_parent() -> argparse.ArgumentParser:
     """Options of ``mve predict``."""
+    p = argparse.ArgumentParser(add_help=False)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
     p.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
     p.add_argument("--json", action="store_true", help="print the server's JSON answer")
     _client_options(p)
+    return p
 
 
 _MODES = ("sample", "variations", "interpolate")
 _DEFAULT_N = {"sample": 16, "variations": 8, "interpolate": 8}
 
 
-def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+def generate_parent() -> argparse.ArgumentParser:
     """Options of ``mve generate``."""
+    p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--vae", metavar="DIR", help="run this VAE checkpoint locally (no server); "
                    "'default' means models/cifar10-vae")
     p.add_argument("--mode", choices=_MODES, default="sample",
@@ -66,6 +70,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="--vae only: cpu, cuda, ... (default cpu)")
     p.add_argument("--out", default="grid.png", help="output PNG grid (default grid.png)")
     _client_options(p)
+    return p
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -76,24 +81,19 @@ def _client(args: argparse.Namespace) -> Any:
         try:
             key = Path(args.api_key_file).expanduser().read_text().strip()
         except OSError as exc:
-            raise user_error(f"cannot read the API key file: {exc}") from None
+            raise UserError(f"cannot read the API key file: {exc}") from None
     return MveClient(args.url, api_key=key, timeout=args.timeout)
 
 
 def predict_command(args: argparse.Namespace) -> int:
     """Prints the top-k classes of each image."""
-    from serve_app.client import ClientError
-
     blobs = []
     for name in args.images:
         try:
             blobs.append(Path(name).read_bytes())
         except OSError as exc:
-            raise user_error(f"cannot read {name}: {exc}") from None
-    try:
-        out = _client(args).classify(blobs, top_k=args.top_k)
-    except ClientError as exc:
-        raise user_error(str(exc)) from None
+            raise UserError(f"cannot read {name}: {exc}") from None
+    out = _client(args).classify(blobs, top_k=args.top_k)  # a ClientError is a UserError
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -110,17 +110,17 @@ def _generate_inputs(args: argparse.Namespace) -> tuple[str, int, list[bytes]]:
     images = list(getattr(args, "image", None) or [])
     need = {"sample": 0, "variations": 1, "interpolate": 2}[mode]
     if len(images) != need:
-        raise user_error(f"--mode {mode} needs {need} --image file(s), got {len(images)}")
+        raise UserError(f"--mode {mode} needs {need} --image file(s), got {len(images)}")
     if n < (2 if mode == "interpolate" else 1):
-        raise user_error(f"--n must be >= {2 if mode == 'interpolate' else 1}, got {n}")
+        raise UserError(f"--n must be >= {2 if mode == 'interpolate' else 1}, got {n}")
     if args.temperature < 0:
-        raise user_error(f"--temperature must be >= 0, got {args.temperature}")
+        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
     blobs = []
     for name in images:
         try:
             blobs.append(Path(name).read_bytes())
         except OSError as exc:
-            raise user_error(f"cannot read {name}: {exc}") from None
+            raise UserError(f"cannot read {name}: {exc}") from None
     return mode, n, blobs
 
 
@@ -131,6 +131,7 @@ def generate_local(vae: str, mode: str, n: int, blobs: list[bytes], *, temperatu
     import math
 
     from mve.checkpoint import load_checkpoint
+    from mve.models import get_spec
     from serve_app.errors import ApiError
     from serve_app.images import decode_image, encode_png, make_grid, preprocess, to_uint8_hwc
     from serve_app.schemas import Limits
@@ -140,16 +141,16 @@ def generate_local(vae: str, mode: str, n: int, blobs: list[bytes], *, temperatu
 
         found = default_vae()
         if found is None:
-            raise user_error(missing_message("vae"))
+            raise UserError(missing_message("vae"))
         vae = str(found)
     ckpt = load_checkpoint(vae, device=device)
-    if not hasattr(ckpt.model, "variations"):
-        raise user_error(f"{vae} is a {ckpt.model_name} checkpoint, not a VAE")
+    if get_spec(ckpt.model_name).task != "generation":
+        raise UserError(f"{vae} is a {ckpt.model_name} checkpoint, not a VAE")
     model, prep = ckpt.model, ckpt.preprocessing
     try:
         arrays = [decode_image(b, Limits(), index=i) for i, b in enumerate(blobs)]
     except ApiError as exc:
-        raise user_error(exc.message) from None
+        raise UserError(exc.message) from None
     x = preprocess(arrays, prep).to(device) if arrays else None
     try:
         if mode == "sample":
@@ -162,14 +163,12 @@ def generate_local(vae: str, mode: str, n: int, blobs: list[bytes], *, temperatu
             y = model.interpolate(x[0], x[1], n, method=method)
             nrow = n
     except ValueError as exc:  # e.g. --prior gmm on a checkpoint without a fitted prior
-        raise user_error(str(exc)) from None
+        raise UserError(str(exc)) from None
     return encode_png(make_grid(to_uint8_hwc(y, prep), nrow=nrow))
 
 
 def generate_command(args: argparse.Namespace) -> int:
     """Writes a PNG grid of VAE samples or variations, or an interpolation strip."""
-    from serve_app.client import ClientError
-
     mode, n, blobs = _generate_inputs(args)
     if getattr(args, "vae", None):
         png = generate_local(args.vae, mode, n, blobs, temperature=args.temperature,
@@ -177,24 +176,16 @@ def generate_command(args: argparse.Namespace) -> int:
                              device=args.device)
     else:
         if getattr(args, "prior", None):
-            raise user_error("--prior needs --vae (the server samples from its checkpoint's "
-                              "prior)")
-        client = _client(args)
-        try:
-            if mode == "sample":
-                png = client.sample(n=n, temperature=args.temperature, seed=args.seed)
-            elif mode == "variations":
-                png = client.variations(blobs[0], n=n, temperature=args.temperature,
-                                        seed=args.seed)
-            else:
-                png = client.interpolate(blobs[0], blobs[1], steps=n)
-        except ClientError as exc:
-            raise user_error(str(exc)) from None
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(png)
-    os.replace(tmp, out)
+            raise UserError("--prior needs --vae (the server samples from its checkpoint's "
+                            "prior)")
+        client = _client(args)  # its ClientError is a UserError: one line, exit code 2
+        if mode == "sample":
+            png = client.sample(n=n, temperature=args.temperature, seed=args.seed)
+        elif mode == "variations":
+            png = client.variations(blobs[0], n=n, temperature=args.temperature, seed=args.seed)
+        else:
+            png = client.interpolate(blobs[0], blobs[1], steps=n)
+    out = write_bytes(args.out, png)
     what = {"sample": "samples", "variations": "variations", "interpolate": "steps"}[mode]
     print(f"wrote {out} ({n} {what})")
     return 0
@@ -204,16 +195,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m serve_app.cli {serve,predict,generate} ...`` (same as the ``mve`` commands)."""
     parser = argparse.ArgumentParser(prog="python -m serve_app.cli")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_serve_arguments(sub.add_parser("serve", help="serve checkpoints over HTTP"))
-    add_predict_arguments(sub.add_parser("predict", help="classify images via a server"))
-    add_generate_arguments(sub.add_parser("generate", help="VAE samples via a server"))
+    sub.add_parser("serve", parents=[serve_parent()], help="serve checkpoints over HTTP")
+    sub.add_parser("predict", parents=[predict_parent()], help="classify images via a server")
+    sub.add_parser("generate", parents=[generate_parent()], help="VAE samples via a server")
     args = parser.parse_args(argv)
     commands = {"serve": serve_command, "predict": predict_command, "generate": generate_command}
-    try:
-        return commands[args.command](args)
-    except ValueError as exc:  # UserError, CheckpointError
-        print(f"mve: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(commands[args.command], args)
 
 
 if __name__ == "__main__":  # pragma: no cover

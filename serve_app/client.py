@@ -18,6 +18,8 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+from mve.errors import UserError
+
 __all__ = ["DEFAULT_URL", "ClientError", "MveClient", "default_url"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -28,7 +30,7 @@ def default_url() -> str:
     return os.environ.get("MVE_URL") or DEFAULT_URL
 
 
-class ClientError(Exception):
+class ClientError(UserError):
     """An error answer (``status``, ``code``) or an unreachable server (``status`` 0)."""
 
     def __init__(self, status: int, code: str, message: str) -> None:

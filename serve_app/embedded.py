@@ -19,20 +19,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from mve.errors import UserError
 from serve_app.dataplane import embedded_env
 
-__all__ = ["add_serve_arguments", "apply_default_models", "serve_command", "user_error"]
+__all__ = ["serve_parent", "apply_default_models", "serve_command"]
 
 
-def user_error(message: str) -> Exception:
-    """The command line's one-line error (``mve.commands.UserError``; imported lazily)."""
-    from mve.commands import UserError
-
-    return UserError(message)
-
-
-def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+def serve_parent() -> argparse.ArgumentParser:
     """Options of ``mve serve``."""
+    p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--classifier", metavar="DIR", help="classifier checkpoint directory or URI")
     p.add_argument("--vae", metavar="DIR", help="VAE checkpoint directory or URI")
     p.add_argument("--no-defaults", action="store_true",
@@ -63,6 +58,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         help="torch threads per model replica (default: the embedded Ray's "
                              "CPUs, so one replica can use the machine; with --address, "
                              "Ray's: 1 per CPU the replica reserves)")
+    return p
 
 
 def _local_path(value: str | None, check: bool) -> str | None:
@@ -116,13 +112,13 @@ def serve_command(args: argparse.Namespace) -> int:
     """Runs the app on an embedded local Ray (or ``--address``) until SIGINT/SIGTERM."""
     apply_default_models(args)
     if not args.classifier and not args.vae:
-        raise user_error("give --classifier DIR and/or --vae DIR (no shipped default "
+        raise UserError("give --classifier DIR and/or --vae DIR (no shipped default "
                           "checkpoints in models/cifar10-classifier or models/cifar10-vae)")
     from serve_app.deploy import app_config, deploy, load_config
 
     key_file = str(Path(args.api_key_file).expanduser().resolve()) if args.api_key_file else None
     if key_file and args.address is None and not Path(key_file).is_file():
-        raise user_error(f"API key file {key_file} does not exist")
+        raise UserError(f"API key file {key_file} does not exist")
     local = args.address is None
     threads = args.torch_threads
     if threads is None and local:  # a replica reserves a fraction of a CPU: Ray would give 1
@@ -155,7 +151,7 @@ def serve_command(args: argparse.Namespace) -> int:
         try:
             deploy(config)
         except RuntimeError as exc:  # the app failed to start, e.g. an unloadable checkpoint
-            raise user_error(str(exc)) from None
+            raise UserError(str(exc)) from None
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         url = f"http://{host}:{args.port}/"
         print(f"mve serve: {url} (API docs {url}docs, Open Inference Protocol {url}v2)",

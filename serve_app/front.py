@@ -27,12 +27,12 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from mve import __version__
 from serve_app.api import current_server, new_app, setup_replica
+from serve_app.deploy import DEPLOYMENT_NAMES
 from serve_app.errors import ApiError
 from serve_app.schemas import MODELS, FrontArgs, ModelInfo, ModelsResponse
 
-__all__ = ["app", "Front", "DEPLOYMENT_NAMES"]
+__all__ = ["app", "Front"]
 
-DEPLOYMENT_NAMES = {"classifier": "Classifier", "vae": "VAE"}
 STATIC = Path(__file__).parent / "static"
 _STATIC_TYPES = {"app.js": "text/javascript", "style.css": "text/css"}
 _CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "

@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 from mve.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from mve.inference import for_inference
+from mve.models import get_spec
 from serve_app.images import input_size
 
 __all__ = ["LoadedModel", "load_model"]
@@ -51,7 +52,7 @@ def _local_copy(source: str) -> tuple[Path, Path | None]:
         return Path(parsed.path if parsed.scheme else source).expanduser(), None
     import pyarrow.fs as pafs
 
-    from cluster.common import resolve_storage
+    from mve.storage import resolve_storage
 
     path, fs = resolve_storage(source)
     if fs is None:
@@ -78,7 +79,7 @@ def load_model(source: str, kind: str) -> LoadedModel:
             shutil.rmtree(tmp, ignore_errors=True)
     if ckpt.model_name != kind:
         raise CheckpointError(f"{source} holds a {ckpt.model_name!r} model, not a {kind!r}")
-    if kind == "classifier":
+    if get_spec(kind).task == "classification":
         k = ckpt.model_config.num_classes
         if not ckpt.class_names or len(ckpt.class_names) != k:
             raise CheckpointError(f"{source}: class_names must list {k} classes")

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from pydantic import ValidationError
+from ray import serve
 
 from serve_app.api import setup_replica
 from serve_app.batching import GreedyBatcher
@@ -32,6 +33,7 @@ from serve_app.errors import ApiError
 from serve_app.images import decode_images, input_size, preprocess
 from serve_app.loading import LoadedModel, load_model
 from serve_app.metrics import ModelMetrics
+from serve_app.oip_routes import add_oip_routes
 from serve_app.schemas import ModelArgs, ModelInfo, ModelUserConfig, SwapStatus
 
 __all__ = ["ModelServer"]
@@ -46,6 +48,24 @@ def _replica_id() -> str:
         return serve.get_replica_context().replica_id.unique_id
     except Exception:  # noqa: BLE001 - outside a replica (e.g. a local test)
         return "local"
+
+
+def model_ingress(app: Any, kind: str, name: str, *, max_ongoing: int,
+                  target_ongoing: int) -> Any:
+    """Makes a :class:`ModelServer` subclass the one deployment of model ``kind``'s
+    application and its HTTP ingress: the OIP routes join the app's own (before
+    ``@serve.ingress``, which takes the routes as they are when it runs), then a quarter CPU
+    per replica, 1-2 replicas scaled on ongoing requests, health checks and a graceful drain."""
+    add_oip_routes(app, kind)
+
+    def wrap(cls: type) -> Any:
+        cls.kind = kind
+        return serve.deployment(
+            name=name, max_ongoing_requests=max_ongoing, ray_actor_options={"num_cpus": 0.25},
+            autoscaling_config={"min_replicas": 1, "max_replicas": 2,
+                                "target_ongoing_requests": target_ongoing},
+            health_check_period_s=10, graceful_shutdown_timeout_s=20)(serve.ingress(app)(cls))
+    return wrap
 
 
 class ModelServer:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from mve.models import get_spec
 from serve_app.errors import ApiError
 from serve_app.images import decode_base64, input_size
 from serve_app.schemas import Limits
@@ -285,7 +286,7 @@ def model_metadata(model: str, info: dict[str, Any]) -> dict[str, Any]:
     h, w = input_size(info["preprocessing"])
     inputs = [{"name": INPUT_TENSOR, "datatype": "FP32", "shape": [-1, 3, h, w]},
               {"name": INPUT_IMAGE, "datatype": "BYTES", "shape": [-1]}]
-    if model == "classifier":
+    if get_spec(model).task == "classification":
         k = len(info.get("class_names") or [])
         outputs = [{"name": "probabilities", "datatype": "FP32", "shape": [-1, k]},
                    {"name": "label", "datatype": "BYTES", "shape": [-1]}]
@@ -297,7 +298,7 @@ def model_metadata(model: str, info: dict[str, Any]) -> dict[str, Any]:
 
 def outputs_for(model: str, result: dict[str, Any]) -> list[OutTensor]:
     """Response tensors from a model deployment's result dict."""
-    if model == "classifier":
+    if get_spec(model).task == "classification":
         probs = np.asarray(result["probabilities"], dtype=np.float32)
         names = result["class_names"]
         labels = [names[i].encode() for i in probs.argmax(axis=1).tolist()]

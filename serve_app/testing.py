@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import socket
 import tarfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,23 @@ from mve.models import build_model, make_config
 
 __all__ = ["CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "SMALL_CLASSIFIER", "free_port",
            "make_classifier", "make_vae", "png_bytes", "random_images", "archive_images",
-           "haproxy_servers"]
+           "haproxy_servers", "ServedApp"]
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck"]
 CIFAR10_MEAN = [0.4914, 0.4822, 0.4465]
 CIFAR10_STD = [0.2470, 0.2435, 0.2616]
+
+
+@dataclass
+class ServedApp:
+    """A deployed test app: its URL, the Serve config it runs and its checkpoints by name."""
+
+    url: str
+    config: dict[str, Any]
+    ckpts: dict[str, Path] = field(default_factory=dict)
+
+
 SMALL_CLASSIFIER = {"cnn_layers": 3, "final_channels": 32, "fcn_layers": 2, "num_classes": 10}
 
 

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import torch
 from fastapi import Request
-from ray import serve
 from starlette.responses import Response
 
 from serve_app import parsing as P
@@ -21,9 +20,8 @@ from serve_app.api import ERRORS, PNG_RESPONSES, current_server, image_body, new
 from serve_app.errors import ApiError
 from serve_app.images import preprocess, to_uint8_hwc
 from serve_app.loading import LoadedModel
-from serve_app.model_server import ModelServer
+from serve_app.model_server import ModelServer, model_ingress
 from serve_app.oip import InferRequest
-from serve_app.oip_routes import add_oip_routes
 from serve_app.schemas import (
     ImagesJSON,
     InterpolateParams,
@@ -44,6 +42,21 @@ def _server() -> "VAEServer":
 def _check_n(n: int, limit: int, what: str = "n") -> None:
     if n > limit:
         raise ApiError(422, "invalid_parameter", f"{what} must be <= {limit}")
+
+
+async def _image_request(request: Request, params: type, count: int, what: str
+                         ) -> "tuple[VAEServer, bool, list[np.ndarray], Any]":
+    """The server, JSON-or-PNG, ``count`` decoded images and the validated options of a
+    variations/interpolate request."""
+    server = _server()
+    as_json = P.wants_json(request)
+    blobs, fields = await P.parse_images(request, server.limits)
+    P.check_count(blobs, count, what)
+    p = P.validate(params, fields)
+    limit, name = ((server.limits.max_steps, "steps") if what == "interpolate"
+                   else (server.limits.max_samples, "n"))
+    _check_n(getattr(p, name), limit, name)
+    return server, as_json, await server.decode(blobs), p
 
 
 @app.post("/v1/vae/reconstruct", responses={**ERRORS, **PNG_RESPONSES},
@@ -76,13 +89,8 @@ async def sample(request: Request) -> Response:
           openapi_extra=image_body(VariationParams))
 async def variations(request: Request) -> Response:
     """``n`` variations of one image (options: n, temperature, seed)."""
-    server = _server()
-    as_json = P.wants_json(request)
-    blobs, fields = await P.parse_images(request, server.limits)
-    P.check_count(blobs, 1, "variations")
-    p = P.validate(VariationParams, fields)
-    _check_n(p.n, server.limits.max_samples)
-    (image,) = await server.decode(blobs)
+    server, as_json, (image,), p = await _image_request(request, VariationParams, 1,
+                                                        "variations")
 
     def run(m: LoadedModel) -> torch.Tensor:
         x = preprocess([image], m.preprocessing)
@@ -94,13 +102,8 @@ async def variations(request: Request) -> Response:
           openapi_extra=image_body(InterpolateParams))
 async def interpolate(request: Request) -> Response:
     """``steps`` images between two images (options: steps, method)."""
-    server = _server()
-    as_json = P.wants_json(request)
-    blobs, fields = await P.parse_images(request, server.limits)
-    P.check_count(blobs, 2, "interpolate")
-    p = P.validate(InterpolateParams, fields)
-    _check_n(p.steps, server.limits.max_steps, "steps")
-    a, b = await server.decode(blobs)
+    server, as_json, (a, b), p = await _image_request(request, InterpolateParams, 2,
+                                                      "interpolate")
 
     def run(m: LoadedModel) -> torch.Tensor:
         x = preprocess([a, b], m.preprocessing)
@@ -108,19 +111,9 @@ async def interpolate(request: Request) -> Response:
     return await server.generate("interpolate", as_json, run, nrow=p.steps)
 
 
-# Before the class: @serve.ingress takes the app's routes as they are when it runs.
-add_oip_routes(app, "vae")
-
-
-@serve.deployment(
-    name="VAE", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.25},
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
-    health_check_period_s=10, graceful_shutdown_timeout_s=20)
-@serve.ingress(app)
+@model_ingress(app, "vae", "VAE", max_ongoing=32, target_ongoing=8)
 class VAEServer(ModelServer):
     """The conv VAE behind its own routes: batched reconstructions, generation, hot swap."""
-
-    kind = "vae"
 
     def _forward(self, model: LoadedModel, x: torch.Tensor) -> torch.Tensor:
         return model.ckpt.model.reconstruct(x).float()

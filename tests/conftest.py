@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# the generated test archives (tests/integration/_archives.py) for every test folder
+sys.path.insert(0, str(REPO / "tests" / "integration"))
 SHARED_ARCHIVE = Path(os.environ.get(
     "MVE_TEST_ARCHIVE", REPO.parent / "shared" / "data" / "cifar10-train-jpeg.tar.gz"))
 

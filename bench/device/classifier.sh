@@ -45,7 +45,7 @@ run() {  # run NAME SECONDS ARGS... (ARGS after the mve train subcommand)
   local left=$(( BUDGET - $(elapsed) ))
   [ "$left" -lt 40 ] && { echo "skip $name (budget)"; return; }
   [ "$lim" -gt "$left" ] && lim=$left
-  timeout "$lim" python3 -m mve.cli train classifier --data "$DATA" --out "/tmp/runs/$name" \
+  timeout "$lim" python3 -m mve_cli train classifier --data "$DATA" --out "/tmp/runs/$name" \
     --set precision=bf16 "$@" $EXTRA > "/tmp/runs/$name.log" 2>&1
   echo "== $name rc=$? at $(elapsed)s"; tail -2 "/tmp/runs/$name.log"
   show "$name"; pack "$name"

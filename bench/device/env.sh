@@ -16,6 +16,6 @@ mkdir -p /tmp/stash /tmp/runs
 export DATA=${DATA:-/tmp/stash/cifar10-train-jpeg.tar.gz}
 T0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - T0 )); }
-mve() { python3 -m mve.cli "$@"; }
+mve() { python3 -m mve_cli "$@"; }
 # pack NAME: one tarball per run (final checkpoint, history, report, plots; no epoch checkpoints)
 pack() { tar czf "$OUT/$1.tgz" -C /tmp/runs --exclude=checkpoints --exclude=training_state.safetensors "$1" "$1.log" 2>/dev/null; }

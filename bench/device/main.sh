@@ -28,7 +28,7 @@ run() {  # run MODEL NAME SECONDS ARGS...  (ARGS after `mve train MODEL`)
   local left=$(( BUDGET - $(elapsed) ))
   [ "$left" -lt 30 ] && { echo "skip $name (budget)"; return 1; }
   [ "$lim" -gt "$left" ] && lim=$left
-  timeout "$lim" python3 -m mve.cli train "$model" --local --device "$DEVICE" --data "$DATA" \
+  timeout "$lim" python3 -m mve_cli train "$model" --local --device "$DEVICE" --data "$DATA" \
     --out "/tmp/runs/$name" --set precision=bf16 "$@" $EXTRA > "/tmp/runs/$name.log" 2>&1
   local rc=$?
   echo "== $name rc=$rc at $(elapsed)s"; tail -2 "/tmp/runs/$name.log"

@@ -11,7 +11,6 @@ model called once per request, no batching. Routes: ``GET /health``, ``GET /stat
 
 from __future__ import annotations
 
-import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -56,9 +55,7 @@ def build_app(served: C.Served) -> FastAPI:
 
 
 def main() -> None:
-    args = C.parse_args(__doc__.splitlines()[0])
-    served = C.load(args.checkpoint, args.tta, args.threads, args.optimize)
-    uvicorn.run(build_app(served), host="127.0.0.1", port=args.port, log_level="warning")
+    C.serve_peer(__doc__, lambda served, args: build_app(served))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 import torch
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -136,10 +135,7 @@ def build_app(served: C.Served, max_batch_size: int) -> FastAPI:
 
 
 def main() -> None:
-    args = C.parse_args(__doc__.splitlines()[0])
-    served = C.load(args.checkpoint, args.tta, args.threads, args.optimize)
-    app = build_app(served, args.max_batch_size)
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+    C.serve_peer(__doc__, lambda served, args: build_app(served, args.max_batch_size))
 
 
 if __name__ == "__main__":

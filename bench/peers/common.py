@@ -24,6 +24,7 @@ import io
 import json
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,6 +109,15 @@ class Served:
         """The model deployment's result dict that ``serve_app.oip.outputs_for`` takes."""
         return {"probabilities": probs, "class_names": self.class_names,
                 "checkpoint_id": self.checkpoint_id}
+
+
+def serve_peer(doc: str, build: Callable[[Served, argparse.Namespace], Any]) -> None:
+    """The ``main`` of a FastAPI peer: its options, the shipped model, uvicorn on loopback."""
+    import uvicorn
+
+    args = parse_args(doc.splitlines()[0])
+    served = load(args.checkpoint, args.tta, args.threads, args.optimize)
+    uvicorn.run(build(served, args), host="127.0.0.1", port=args.port, log_level="warning")
 
 
 def set_tta(model: torch.nn.Module, mode: str) -> None:

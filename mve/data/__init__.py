@@ -17,6 +17,7 @@ from mve.data.splits import (
     load_data,
     make_splits,
     resolve_data_path,
+    stratified_subset,
 )
 from mve.data.transforms import (
     AugmentConfig,
@@ -38,6 +39,7 @@ __all__ = [
     "RawDataset",
     "Split",
     "TensorLoader",
+    "stratified_subset",
     "augment_batch",
     "channel_stats",
     "cutout",

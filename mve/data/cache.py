@@ -9,15 +9,15 @@ entries are treated as misses and rewritten. Nothing here uses pickle.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+
+from mve.atomic import atomic_write
 
 __all__ = ["CACHE_FORMAT_VERSION", "cache_key", "get_or_fill", "read_entry", "resolve_cache_dir",
            "sha256_file", "sha256_listing", "write_entry"]
@@ -58,26 +58,6 @@ def cache_key(source: str, sha256: str, image_size: int | None) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:32]
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # persist the rename; not possible on every platform
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-
 def read_entry(cache_dir: Path, key: str,
                expect: dict | None = None) -> tuple[dict[str, torch.Tensor], dict] | None:
     """Load an entry, or None when it is missing, unreadable or inconsistent."""
@@ -116,10 +96,10 @@ def write_entry(cache_dir: Path, key: str, tensors: dict[str, torch.Tensor], inf
             "counts": {"total": len(images), "test": int(is_test.sum()),
                        "train": int((~is_test).sum())}}
     data = {k: tensors[k].contiguous() for k in _TENSORS}
-    _atomic_write(cache_dir / f"{key}.safetensors",
+    atomic_write(cache_dir / f"{key}.safetensors",
                   lambda tmp: save_file(data, tmp, metadata={"key": key}))
     text = json.dumps(info, indent=1, sort_keys=True)
-    _atomic_write(cache_dir / f"{key}.json", lambda tmp: Path(tmp).write_text(text))
+    atomic_write(cache_dir / f"{key}.json", lambda tmp: Path(tmp).write_text(text))
     return info
 
 

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from mve.data import cache as _cache
+from mve.errors import UserError
 
 __all__ = ["DataError", "IMAGE_EXTENSIONS", "RawDataset", "SOURCE_KINDS", "detect_source",
            "load_source"]
@@ -45,7 +46,7 @@ _EXPECTED = ("a CIFAR-10 python release (cifar-10-batches-py), a CIFAR-10 binary
              + " images, as a directory or a .tar.gz/.tgz/.tar/.zip archive")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data source is missing, unsupported, corrupt or inconsistent."""
 
 

@@ -16,7 +16,7 @@ import torch
 from mve.data.sources import DataError, RawDataset, load_source
 
 __all__ = ["DataBundle", "Split", "channel_stats", "load_data", "make_splits",
-           "resolve_data_path"]
+           "resolve_data_path", "stratified_subset"]
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -96,6 +96,19 @@ def _quotas(total: int, sizes: list[int]) -> list[int]:
     for i in order[: total - sum(q)]:
         q[i] += 1
     return q
+
+
+def stratified_subset(split: Split, limit: int, num_classes: int, *, seed: int = 0) -> Split:
+    """At most ``limit`` images of ``split``, each class in proportion to its share (the same
+    largest-remainder quotas as ``limit`` in :func:`make_splits`), seeded, in original order."""
+    if limit >= len(split):
+        return split
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(split), generator=gen)
+    labels = split.labels[order]
+    keep = _quotas(limit, split.class_counts(num_classes))
+    idx = torch.cat([order[labels == k][:n] for k, n in enumerate(keep)]).sort().values
+    return Split(split.images[idx], split.labels[idx])
 
 
 def make_splits(raw: RawDataset, *, val_size: int = 5000, seed: int = 0,

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from mve._validate import validate_dataclass
+from mve._validate import ConfigError, validate_dataclass
 from mve.models.classifier import PRESETS as CLASSIFIER_PRESETS
 from mve.models.classifier import Classifier, ClassifierConfig
 from mve.models.vae import PRESETS as VAE_PRESETS
@@ -21,19 +21,22 @@ from mve.models.vae import VAE, VAEConfig
 
 __all__ = [
     "Classifier", "ClassifierConfig", "VAE", "VAEConfig", "ModelSpec", "build_model",
-    "list_models", "get_spec", "make_config", "config_to_dict",
+    "list_models", "get_spec", "target_metric", "make_config", "config_to_dict",
 ]
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What the registry knows about a family."""
+    """What the registry knows about a family: everything outside the family's own module
+    (command-line choices, the target metric, per-task behaviour) reads it from here."""
 
     name: str
     task: str  # "classification" | "generation"
     config_cls: type
     builder: Callable[[Any], nn.Module]
     presets: Mapping[str, Mapping[str, Any]]
+    metric: str  # the validation metric a run, a trial or a promotion is judged by
+    mode: str  # "max" or "min": which way `metric` is better
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -46,19 +49,27 @@ def register_model(spec: ModelSpec) -> None:
 
 
 register_model(ModelSpec("classifier", "classification", ClassifierConfig, Classifier,
-                         CLASSIFIER_PRESETS))
-register_model(ModelSpec("vae", "generation", VAEConfig, VAE, VAE_PRESETS))
+                         CLASSIFIER_PRESETS, metric="val_accuracy", mode="max"))
+register_model(ModelSpec("vae", "generation", VAEConfig, VAE, VAE_PRESETS,
+                         metric="val_elbo_bpd", mode="min"))
 
 
-def list_models() -> list[str]:
-    return sorted(_REGISTRY)
+def list_models(task: str | None = None) -> list[str]:
+    """Registered family names (of one ``task`` if given), sorted."""
+    return sorted(n for n, spec in _REGISTRY.items() if task is None or spec.task == task)
+
+
+def target_metric(name: str) -> tuple[str, str]:
+    """The metric family ``name`` is judged by, and ``"max"``/``"min"``."""
+    spec = get_spec(name)
+    return spec.metric, spec.mode
 
 
 def get_spec(name: str) -> ModelSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
+        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
 
 
 def make_config(name: str, values: Mapping[str, Any] | None = None, *,

@@ -10,7 +10,8 @@ The plan is derived from four numbers: channels grow geometrically from
 ``starting_channels`` to ``final_channels`` over ``cnn_layers`` stages, spatial sizes
 shrink geometrically from ``input_size`` to 2 through FractionalMaxPool2d, and the
 fully-connected head narrows geometrically from the flattened features to
-``num_classes``. The ``seed`` preset reproduces the note exactly (875,592 parameters).
+``num_classes``. The ``seed`` preset reproduces the note exactly (875,592 parameters). The
+config, its ``Plan`` and the presets live in ``mve.models.classifier_config``.
 
 Unlike the note, ``forward`` returns logits: the note put a Softmax inside the model
 and trained it with cross-entropy, which applies softmax twice. Use ``predict_proba``
@@ -20,19 +21,30 @@ for inference-time probabilities.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
-from typing import Literal, get_args
+from dataclasses import replace
 
 import torch
 from torch import nn
 
+from mve.models.classifier_config import (
+    PRESETS,
+    TTA,
+    TTA_MODES,
+    Activation,
+    Arch,
+    ClassifierConfig,
+    Plan,
+    Pooling,
+)
+
+__all__ = [
+    "Classifier", "ClassifierConfig", "Plan", "PRESETS", "Activation", "Pooling", "Arch", "TTA",
+    "TTA_MODES", "FractionalMaxPool2d", "ResidualStage", "Encoder", "ConvGroupNet",
+    "TTA_MAX_BATCH", "tta_logits",
+]
+
 logger = logging.getLogger(__name__)
 
-Activation = Literal["mish", "relu", "gelu", "silu"]
-Pooling = Literal["fractional", "max", "avg"]
-Arch = Literal["geometric", "convgroups"]
-TTA = Literal["none", "flip", "flip_translate"]
-TTA_MODES: tuple[str, ...] = get_args(TTA)  # eval-time views: 1, 2, 6
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "mish": nn.Mish,
@@ -40,120 +52,6 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "gelu": nn.GELU,
     "silu": nn.SiLU,
 }
-
-
-@dataclass(frozen=True)
-class ClassifierConfig:
-    """Architecture of :class:`Classifier`. Defaults are the note's tuned values."""
-
-    starting_channels: int = 46
-    final_channels: int = 210
-    cnn_layers: int = 6
-    fcn_layers: int = 4
-    input_size: int = 32  # pixels, square
-    in_channels: int = 3
-    num_classes: int = 10
-    # Options beyond the note (all off / equal to the note in the `seed` preset).
-    channels: tuple[int, ...] | None = None  # explicit per-stage widths, overrides the geometry
-    residual: bool = False  # second conv per stage with an identity/1x1 shortcut
-    pooling: Pooling = "fractional"
-    activation: Activation = "mish"
-    dropout: float = 0.0  # before each hidden linear layer of the head
-    final_size: int = 2  # spatial size after the last stage
-    # Architecture family and the conv-group ("convgroups") net's options.
-    arch: Arch = "geometric"
-    widths: tuple[int, ...] = (64, 176, 176)  # convgroups: output channels of each group
-    convs_per_group: int = 2  # convgroups: 2, or 3 = a residual over the last two convs
-    whiten_kernel: int = 2  # convgroups: patch-whitening kernel size; 0 disables the layer
-    whiten_eps: float = 5e-4  # added to the patch-covariance eigenvalues
-    dirac_init: bool = True  # convgroups: identity init of the first c_in filters of each conv
-    bn_momentum: float = 0.4  # convgroups: PyTorch BatchNorm momentum
-    freeze_bn_weight: bool = True  # convgroups: BatchNorm scale fixed at 1 (bias still learned)
-    logit_scale: float = 1 / 9  # convgroups: multiplies the logits
-    tta: TTA = "none"  # eval-mode test-time augmentation, both architectures
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "widths", tuple(int(c) for c in self.widths))
-        if self.arch == "convgroups":
-            if not self.widths or any(w < 1 for w in self.widths):
-                raise ValueError(f"widths must be positive ints, got {self.widths}")
-            if self.convs_per_group not in (2, 3):
-                raise ValueError(f"convs_per_group must be 2 or 3, got {self.convs_per_group}")
-            if self.whiten_kernel not in (0, 2, 3):
-                raise ValueError(f"whiten_kernel must be 0, 2 or 3, got {self.whiten_kernel}")
-            size = self.input_size - (self.whiten_kernel - 1 if self.whiten_kernel else 0)
-            for _ in self.widths:
-                size //= 2
-            if size < 1:
-                raise ValueError(f"input_size={self.input_size} is too small for "
-                                 f"{len(self.widths)} conv groups")
-            if not 0 < self.bn_momentum <= 1:
-                raise ValueError(f"bn_momentum must be in (0, 1], got {self.bn_momentum}")
-            if self.logit_scale <= 0:
-                raise ValueError(f"logit_scale must be > 0, got {self.logit_scale}")
-        if self.channels is not None:
-            object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
-            if len(self.channels) != self.cnn_layers:
-                raise ValueError(
-                    f"channels has {len(self.channels)} entries but cnn_layers={self.cnn_layers}"
-                )
-        for name in ("starting_channels", "final_channels", "cnn_layers", "fcn_layers",
-                     "input_size", "in_channels", "num_classes", "final_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.tta not in TTA_MODES:
-            raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {self.tta!r}")
-        if self.num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
-        if self.final_size > self.input_size:
-            raise ValueError(f"final_size={self.final_size} exceeds input_size={self.input_size}")
-        if self.activation not in _ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
-        if self.pooling not in ("fractional", "max", "avg"):
-            raise ValueError(f"pooling must be fractional, max or avg, got {self.pooling!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        sizes = self.plan().sizes
-        if any(b >= a for a, b in zip((self.input_size, *sizes), sizes, strict=False)) and (
-            self.pooling == "fractional"
-        ):
-            raise ValueError(
-                f"input_size={self.input_size} cannot shrink strictly through {self.cnn_layers} "
-                f"fractional pools to {self.final_size} (sizes {sizes}); use fewer cnn_layers"
-            )
-
-    def plan(self) -> Plan:
-        return Plan.from_config(self)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The derived geometry: what the note logged at construction."""
-
-    upscale_ratio: float
-    channels: list[int] = field(default_factory=list)  # including the input channels
-    sizes: list[int] = field(default_factory=list)  # spatial size after each stage
-    fcn: list[int] = field(default_factory=list)  # head widths, flattened features first
-
-    @classmethod
-    def from_config(cls, c: ClassifierConfig) -> Plan:
-        n = c.cnn_layers
-        ratio = (c.final_channels / c.starting_channels) ** (1 / (n - 1)) if n > 1 else 1.0
-        widths = (list(c.channels) if c.channels is not None
-                  else [round(c.starting_channels * ratio**i) for i in range(n)])
-        shrink = (c.final_size / c.input_size) ** (1 / n)
-        sizes = [max(c.final_size, round(c.input_size * shrink ** (i + 1))) for i in range(n)]
-        flat = widths[-1] * sizes[-1] ** 2
-        narrow = (c.num_classes / flat) ** (1 / c.fcn_layers)
-        fcn = [round(flat * narrow**i) for i in range(c.fcn_layers)] + [c.num_classes]
-        return cls(ratio, [c.in_channels, *widths], sizes, fcn)
-
-    def log_lines(self) -> list[str]:
-        return [
-            f"Classifier channel upscale ratio: {self.upscale_ratio}",
-            f"Layers = {len(self.sizes)}, downsampled_sizes = {self.sizes}, channels = {self.channels}",
-            f"FCN layers: {self.fcn}",
-        ]
 
 
 class FractionalMaxPool2d(nn.FractionalMaxPool2d):
@@ -209,16 +107,31 @@ class Encoder(nn.Module):
         super().__init__()
         act = _ACTIVATIONS[cfg.activation]
         layers: list[nn.Module] = []
+        ends: list[int] = []
         for c_in, c_out, size in zip(plan.channels[:-1], plan.channels[1:], plan.sizes, strict=True):
             if cfg.residual:
                 layers.append(ResidualStage(c_in, c_out, size, cfg))
             else:
                 layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), act(),
                            _pool(cfg.pooling, size)]
+            ends.append(len(layers) - 1)
+        # One flat Sequential keeps the checkpoints' parameter names; the stage boundaries are
+        # recorded here rather than guessed from layer types later.
         self.layers = nn.Sequential(*layers)
+        self.stage_ends = tuple(ends)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
+
+    def feature_maps(self, x: torch.Tensor, stages: int | None = None) -> list[torch.Tensor]:
+        """The output of each stage (after its pool), or of the first ``stages`` only."""
+        ends = self.stage_ends[:stages]
+        feats: list[torch.Tensor] = []
+        for i, layer in enumerate(self.layers[: ends[-1] + 1]):
+            x = layer(x)
+            if i in ends:
+                feats.append(x)
+        return feats
 
 
 class Classifier(nn.Module):
@@ -268,17 +181,21 @@ class Classifier(nn.Module):
             return self.body.embed(x)
         return self.head[:-1](self.encoder(x))
 
-    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The activations after each stage/group, highest resolution first (perceptual losses)."""
+    def feature_maps(self, x: torch.Tensor, stages: int | None = None) -> list[torch.Tensor]:
+        """Intermediate feature maps of one view, highest resolution first, for every ``arch``.
+
+        ``x`` is a normalised batch [B, C, H, W] (as ``forward`` takes); returns one
+        [B, C_i, H_i, W_i] tensor per stage: ``geometric``, the output of each conv stage (after
+        its pool; a whole ``ResidualStage`` when ``residual``); ``convgroups``, the output of
+        each conv group (the whitening stem is not a stage). ``stages`` keeps the first ``n``
+        and skips computing the deeper ones. This is the public surface for perceptual losses
+        and feature probes: callers need not know the layer layout.
+        """
+        if stages is not None and stages < 1:
+            raise ValueError(f"stages must be >= 1, got {stages}")
         if self.config.arch == "convgroups":
-            return self.body.feature_maps(x)
-        feats = []
-        for layer in self.encoder.layers:
-            x = layer(x)
-            if isinstance(layer, ResidualStage | FractionalMaxPool2d | nn.AdaptiveMaxPool2d
-                          | nn.AdaptiveAvgPool2d):
-                feats.append(x)
-        return feats
+            return self.body.feature_maps(x, stages)
+        return self.encoder.feature_maps(x, stages)
 
     @torch.no_grad()
     def init_from_data(self, images: torch.Tensor) -> None:
@@ -406,9 +323,10 @@ class ConvGroupNet(nn.Module):
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.whiten_act(self.whiten(x)) if self.whiten is not None else x
 
-    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def feature_maps(self, x: torch.Tensor, stages: int | None = None) -> list[torch.Tensor]:
+        """The output of each conv group (or of the first ``stages``)."""
         x, feats = self._stem(x), []
-        for g in self.groups:
+        for g in list(self.groups)[:stages]:
             x = g(x)
             feats.append(x)
         return feats
@@ -423,11 +341,3 @@ class ConvGroupNet(nn.Module):
         return self.head(self.embed(x)) * self.cfg.logit_scale
 
 
-# Presets are architecture overrides; the training recipe lives in mve.config presets.
-PRESETS: dict[str, dict] = {
-    "seed": dict(starting_channels=46, final_channels=210, cnn_layers=6, fcn_layers=4,
-                 input_size=32, in_channels=3, num_classes=10),
-    # airbench94's net shrunk under 1M parameters (widths 64/256/256 -> 64/176/176): 991,672.
-    "convgroups": dict(arch="convgroups", widths=(64, 176, 176), convs_per_group=2,
-                       whiten_kernel=2, activation="gelu", tta="flip_translate"),
-}

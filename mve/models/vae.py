@@ -3,6 +3,10 @@
 Images live in model space ``[-1, 1]`` (``x / 127.5 - 1``); one 8-bit pixel bin is ``2/255`` wide.
 Losses are in nats per image (summed over the ``C*H*W`` pixel dims or the latent dims, then averaged
 over the batch); ``elbo_bpd`` converts the beta=1 negative ELBO to bits per dimension.
+
+The model does no I/O: the optional perceptual loss compares feature maps of a frozen network
+that the trainer builds (``mve.perceptual``) and injects with :meth:`VAE.set_perceptual`. The
+config lives in ``mve.models.vae_config``, the encoder/decoder in ``mve.models.vae_nets``.
 """
 
 from __future__ import annotations
@@ -10,16 +14,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mve.models.vae_config import PRESETS, PRIORS, VAEConfig
+from mve.models.vae_nets import Decoder, Encoder
 from mve.prior import GaussianMixture
+
+__all__ = [
+    "VAE", "VAEConfig", "VAEOutput", "PRESETS", "Encoder", "Decoder", "to_pixels",
+    "kl_standard_normal", "discretized_gaussian_log_likelihood", "FeatureNet",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -28,122 +38,10 @@ LOG_SCALE_RANGE = (-7.0, 2.0)  # clamp of the decoder's learned per-channel log 
 MSE_SIGMA = 0.1  # fixed decoder std (model space) of the "mse" likelihood
 L1_SCALE = 0.1  # fixed Laplace scale (model space) of the "l1" likelihood
 _HALF_BIN = 1.0 / 255.0  # half of the 2/255 bin width
-_LIKELIHOODS = ("discretized_gaussian", "mse", "l1")
-_PRIORS = ("standard", "gmm")
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # ~2.7M params at 32x32 (channels 32/64/128, latent 8x8x8); ~0.85 s fwd+bwd, batch 64, 2 CPUs.
-    "default": {"base_channels": 32, "channel_mult": None, "groups": 16, "latent_channels": 8,
-                "downsample_factor": 4, "attention": True, "likelihood": "discretized_gaussian"},
-    "tiny": {"base_channels": 16, "groups": 8, "latent_channels": 4, "attention": False},
-    # Autoencoder-like objective (as SD's KL-f4): latent 8x8x4, MSE pixel loss, a small KL weight
-    # warmed up over the first 10% of training; ~2.1M params (8.5 MB fp32). A GMM prior fitted
-    # after training (`mve vae fit-prior`) adds ~1.3 MB for 10 components.
-    "sd": {"base_channels": 48, "channel_mult": (1, 2, 2), "groups": 16, "latent_channels": 4,
-           "downsample_factor": 4, "attention": True, "likelihood": "mse", "beta": 0.01,
-           "kl_anneal": 0.1, "free_bits": 0.0},
-}
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _require(ok: bool, msg: str) -> None:
-    if not ok:
-        raise ValueError(f"VAEConfig: {msg}")
-
-
-@dataclass(frozen=True)
-class VAEConfig:
-    """Architecture and objective of :class:`VAE` (validated on construction)."""
-
-    in_channels: int = 3
-    input_size: int = 32
-    latent_channels: int = 8
-    downsample_factor: int = 4  # power of two; latent is input_size/f square
-    base_channels: int = 32
-    channel_mult: tuple[int, ...] | None = None  # len == log2(f)+1; None -> (1, 2, 4, 4, ...)
-    num_res_blocks: int = 1
-    attention: bool = True  # single-head self-attention in the mid blocks
-    dropout: float = 0.0
-    groups: int = 16  # GroupNorm groups; must divide every channel count
-    likelihood: str = "discretized_gaussian"  # training pixel loss: also "mse" or "l1"
-    beta: float = 1.0  # KL weight relative to the pixel loss (the reported ELBO always uses 1)
-    kl_anneal: float = 0.0  # fraction of training over which the KL weight ramps from 0 to beta
-    free_bits: float = 0.0  # nats per latent element: per-channel KL below this is not penalised
-    perceptual_weight: float = 0.0  # weight of the classifier-feature loss (0: off)
-    perceptual_classifier: str | None = None  # mve classifier checkpoint for perceptual features
-    perceptual_layers: int = 3  # first N classifier stages whose activations are compared
-    prior: str = "standard"  # what sample() draws from: "standard" N(0, I) or a fitted "gmm"
-    prior_components: int = 0  # GMM components whose buffers the model carries (0: none)
-
-    def __post_init__(self) -> None:
-        for name in ("in_channels", "input_size", "latent_channels", "downsample_factor",
-                     "base_channels", "num_res_blocks", "groups"):
-            v = getattr(self, name)
-            _require(_is_int(v) and v >= 1, f"{name} must be a positive int, got {v!r}")
-        f, mult = self.downsample_factor, self.channel_mult
-        _require(f & (f - 1) == 0, f"downsample_factor must be a power of two, got {f}")
-        _require(self.input_size % f == 0,
-                 f"input_size={self.input_size} is not divisible by downsample_factor={f}")
-        if mult is not None:
-            _require(not isinstance(mult, str | bytes) and hasattr(mult, "__iter__"),
-                     f"channel_mult must be a sequence of ints, got {mult!r}")
-            mult = tuple(mult)
-            object.__setattr__(self, "channel_mult", mult)  # list (YAML/JSON) -> tuple
-            _require(len(mult) == self.num_levels, f"channel_mult needs log2(downsample_factor)+1"
-                     f" = {self.num_levels} entries, got {len(mult)}: {mult}")
-            _require(all(_is_int(m) and m >= 1 for m in mult),
-                     f"channel_mult entries must be positive ints, got {mult}")
-        _require(isinstance(self.attention, bool), f"attention must be a bool: {self.attention!r}")
-        _require(isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0,
-                 f"dropout must be in [0, 1), got {self.dropout!r}")
-        bad = [c for c in self.channels if c % self.groups]
-        _require(not bad, f"groups={self.groups} must divide every channel count {self.channels};"
-                 f" it does not divide {bad}")
-        _require(self.likelihood in _LIKELIHOODS,
-                 f"likelihood must be one of {_LIKELIHOODS}, got {self.likelihood!r}")
-        beta = self.beta
-        ok = isinstance(beta, int | float) and not isinstance(beta, bool) and math.isfinite(beta)
-        _require(ok and beta >= 0, f"beta must be a finite number >= 0, got {beta!r}")
-        for name in ("kl_anneal", "free_bits", "perceptual_weight"):
-            v = getattr(self, name)
-            ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-            _require(ok and v >= 0, f"{name} must be a finite number >= 0, got {v!r}")
-        _require(self.kl_anneal <= 1, f"kl_anneal is a fraction of training, got {self.kl_anneal}")
-        _require(self.perceptual_weight == 0 or bool(self.perceptual_classifier),
-                 "perceptual_weight > 0 needs perceptual_classifier (a classifier checkpoint)")
-        _require(_is_int(self.perceptual_layers) and self.perceptual_layers >= 1,
-                 f"perceptual_layers must be a positive int, got {self.perceptual_layers!r}")
-        _require(self.prior in _PRIORS, f"prior must be one of {_PRIORS}, got {self.prior!r}")
-        k = self.prior_components
-        _require(_is_int(k) and k >= 0, f"prior_components must be an int >= 0, got {k!r}")
-        _require(self.prior != "gmm" or k >= 1,
-                 "prior='gmm' needs prior_components >= 1 (fit one with `mve vae fit-prior`)")
-
-    @property
-    def num_levels(self) -> int:
-        """Number of resolution levels, ``log2(downsample_factor) + 1``."""
-        return self.downsample_factor.bit_length()
-
-    @property
-    def channels(self) -> tuple[int, ...]:
-        """Feature channels per resolution level (highest resolution first)."""
-        mult = self.channel_mult or tuple(min(2**i, 4) for i in range(self.num_levels))
-        return tuple(self.base_channels * m for m in mult)
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        """``(latent_channels, h, w)`` of the spatial latent."""
-        s = self.input_size // self.downsample_factor
-        return (self.latent_channels, s, s)
-
-    @property
-    def latent_dim(self) -> int:
-        """Number of values in one latent, ``L * h * w``."""
-        c, h, w = self.latent_shape
-        return c * h * w
+# What the perceptual loss needs from its network: images [B, C, H, W] in model space [-1, 1]
+# -> a list of feature maps [B, C_i, H_i, W_i] (mve.perceptual.FeatureExtractor is one).
+FeatureNet = Callable[[Tensor], list[Tensor]]
 
 
 class VAEOutput(NamedTuple):
@@ -159,8 +57,14 @@ def to_pixels(x: Tensor) -> Tensor:
 
 
 def kl_standard_normal(mu: Tensor, logvar: Tensor) -> Tensor:
-    """Analytic ``KL(N(mu, exp(logvar)) || N(0, I))`` in nats, summed over all but dim 0 -> [B]."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
+    """Analytic ``KL(N(mu, exp(logvar)) || N(0, I))`` in nats per latent element (same shape as
+    ``mu``); ``.flatten(1).sum(1)`` gives the per-image KL [B]. The one KL of the VAE's loss."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
+def _unit_channels(h: Tensor) -> Tensor:
+    """Feature maps scaled to unit L2 norm over channels at every position (as LPIPS)."""
+    return h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
 
 
 def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
@@ -208,112 +112,6 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
     finally:
         module.train(was_training)
 
-
-def _norm(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
-
-
-class ResnetBlock(nn.Module):
-    """GroupNorm-SiLU-conv x2 with a 1x1 shortcut when channels change (LDM, no time embedding)."""
-
-    def __init__(self, c_in: int, c_out: int, groups: int, dropout: float) -> None:
-        super().__init__()
-        self.norm1, self.conv1 = _norm(c_in, groups), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2, self.conv2 = _norm(c_out, groups), nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.dropout = nn.Dropout(dropout)
-        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.nin_shortcut(x) + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head spatial self-attention with a residual connection (LDM ``AttnBlock``)."""
-
-    def __init__(self, channels: int, groups: int) -> None:
-        super().__init__()
-        self.norm = _norm(channels, groups)
-        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, c, hh, ww = x.shape
-        h = self.norm(x)
-        q, k, v = (m(h).flatten(2).transpose(1, 2).unsqueeze(1) for m in (self.q, self.k, self.v))
-        h = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C]
-        return x + self.proj_out(h.squeeze(1).transpose(1, 2).reshape(b, c, hh, ww))
-
-
-def _downsample(c: int) -> nn.Module:
-    """Stride-2 3x3 conv with LDM's asymmetric (0, 1, 0, 1) padding."""
-    return nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(c, c, 3, stride=2))
-
-
-def _upsample(c: int) -> nn.Module:
-    """Nearest-neighbour x2 followed by a 3x3 conv."""
-    return nn.Sequential(nn.Upsample(scale_factor=2.0), nn.Conv2d(c, c, 3, padding=1))
-
-
-def _mid_block(c: int, cfg: VAEConfig) -> nn.Sequential:
-    attn = AttnBlock(c, cfg.groups) if cfg.attention else nn.Identity()
-    return nn.Sequential(ResnetBlock(c, c, cfg.groups, cfg.dropout), attn,
-                         ResnetBlock(c, c, cfg.groups, cfg.dropout))
-
-
-class Encoder(nn.Module):
-    """Image [B, C, H, W] -> moments [B, 2L, H/f, W/f]."""
-
-    def __init__(self, cfg: VAEConfig) -> None:
-        super().__init__()
-        chans = cfg.channels
-        self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
-        layers: list[nn.Module] = []
-        c = chans[0]
-        for i, c_out in enumerate(chans):
-            for _ in range(cfg.num_res_blocks):
-                layers.append(ResnetBlock(c, c_out, cfg.groups, cfg.dropout))
-                c = c_out
-            if i != len(chans) - 1:
-                layers.append(_downsample(c))
-        self.down = nn.Sequential(*layers)
-        self.mid = _mid_block(c, cfg)
-        self.norm_out = _norm(c, cfg.groups)
-        self.conv_out = nn.Conv2d(c, 2 * cfg.latent_channels, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.mid(self.down(self.conv_in(x)))
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
-class Decoder(nn.Module):
-    """Latent [B, L, h, w] -> mean image [B, C, h*f, w*f]."""
-
-    def __init__(self, cfg: VAEConfig) -> None:
-        super().__init__()
-        chans = cfg.channels
-        c = chans[-1]
-        self.conv_in = nn.Conv2d(cfg.latent_channels, c, 3, padding=1)
-        self.mid = _mid_block(c, cfg)
-        layers: list[nn.Module] = []
-        for i in reversed(range(len(chans))):
-            for _ in range(cfg.num_res_blocks + 1):
-                layers.append(ResnetBlock(c, chans[i], cfg.groups, cfg.dropout))
-                c = chans[i]
-            if i != 0:
-                layers.append(_upsample(c))
-        self.up = nn.Sequential(*layers)
-        self.norm_out = _norm(c, cfg.groups)
-        self.conv_out = nn.Conv2d(c, cfg.in_channels, 3, padding=1)
-        with torch.no_grad():  # near-zero initial reconstructions, gradients still flow
-            self.conv_out.weight.mul_(1e-2)
-            self.conv_out.bias.zero_()
-
-    def forward(self, z: Tensor) -> Tensor:
-        h = self.up(self.mid(self.conv_in(z)))
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
 class VAE(nn.Module):
     """Conv VAE: diagonal-Gaussian spatial latent, discretised-Gaussian decoder (LDM-style)."""
 
@@ -329,6 +127,7 @@ class VAE(nn.Module):
             GaussianMixture(config.prior_components, config.latent_dim)
             if config.prior_components else None)
         self._progress = 1.0  # fraction of training done; set by the trainer for KL annealing
+        self.set_perceptual(None)  # the perceptual loss's feature network, injected by the trainer
         n_params = sum(p.numel() for p in self.parameters())
         logger.info("VAE plan: %d levels, channels %s, latent %s (f=%d), attention=%s, "
                     "likelihood=%s, %.2fM params", config.num_levels, list(config.channels),
@@ -349,26 +148,37 @@ class VAE(nn.Module):
             return cfg.beta
         return cfg.beta * min(1.0, self._progress / cfg.kl_anneal)
 
-    def _perceptual_net(self, device: torch.device) -> _FeatureTaps:
-        """The frozen classifier, loaded once; kept out of ``state_dict`` and ``parameters``."""
-        taps = self.__dict__.get("_perceptual")
-        if taps is None:
-            from mve.checkpoint import load_checkpoint  # mve.checkpoint imports mve.models
+    # -- perceptual loss (an injected collaborator) -------------------------------------------
 
-            ckpt = load_checkpoint(self.config.perceptual_classifier, device=device)
-            taps = _FeatureTaps(ckpt.model, ckpt.preprocessing, self.config.perceptual_layers)
-            self.__dict__["_perceptual"] = taps
-        return taps.to(device)
+    def set_perceptual(self, net: FeatureNet | None) -> None:
+        """Hands the VAE the frozen feature network of its perceptual loss (``None`` removes it).
+
+        ``mve.train.fit`` calls this with ``mve.perceptual.perceptual_network(...)`` whenever
+        ``config.perceptual_weight > 0``. The network is a collaborator, not part of the model:
+        it stays out of ``state_dict``, ``parameters()``, ``.train()`` and ``.to()`` (so build it
+        on the VAE's device, and frozen).
+        """
+        self.__dict__["_perceptual"] = net
+
+    def _perceptual_net(self) -> FeatureNet:
+        net = self.__dict__.get("_perceptual")
+        if net is None:
+            raise RuntimeError(
+                f"VAEConfig.perceptual_weight={self.config.perceptual_weight} asks for a "
+                "perceptual loss but no perceptual network was injected: call "
+                "vae.set_perceptual(mve.perceptual.perceptual_network("
+                f"{self.config.perceptual_classifier!r}, device)) first (mve.train.fit does)")
+        return net
 
     def perceptual_distance(self, x: Tensor, recon: Tensor) -> Tensor:
-        """LPIPS-like distance [B] on the frozen classifier's first stages (no learned weights):
+        """LPIPS-like distance [B] on the injected network's feature maps (no learned weights):
         channel-normalised activations, squared differences summed over channels, averaged over
-        positions, summed over stages."""
-        taps = self._perceptual_net(x.device)
+        positions, summed over the maps."""
+        net = self._perceptual_net()
         with torch.no_grad():
-            fx = taps(x)
-        return sum(((a - b).pow(2).sum(1).mean((1, 2)) for a, b in zip(fx, taps(recon),
-                                                                        strict=True)),
+            fx = net(x)
+        return sum(((_unit_channels(a) - _unit_channels(b)).pow(2).sum(1).mean((1, 2))
+                    for a, b in zip(fx, net(recon), strict=True)),
                    start=x.new_zeros(len(x)))
 
     # -- latent prior -----------------------------------------------------------------------
@@ -420,8 +230,8 @@ class VAE(nn.Module):
         """
         _check_draws(n, temperature)
         prior = prior or self.config.prior
-        if prior not in _PRIORS:
-            raise ValueError(f"prior must be one of {_PRIORS}, got {prior!r}")
+        if prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
         if prior == "gmm":
             if self.latent_prior is None or not self.latent_prior.is_fitted:
                 raise ValueError("this VAE has no fitted GMM prior; fit one with "
@@ -478,6 +288,9 @@ class VAE(nn.Module):
             z[0], z[-1] = za[0], zb[0]
             return self.decode(z)
 
+
+    # -- training objective -----------------------------------------------------------------
+
     def loss(self, x: Tensor, out: VAEOutput | None = None) -> dict[str, Tensor]:
         """Negative ELBO and metrics for a batch ``x`` [B, C, H, W] on the 8-bit grid in [-1, 1].
 
@@ -491,39 +304,24 @@ class VAE(nn.Module):
           detached decoder mean, through a zero-valued term) so ``elbo_bpd`` stays a real bound.
         * ``elbo_bpd``: ``(discretised NLL + KL) / (C*H*W * ln 2)`` with beta = 1, an upper bound on
           the NLL in bits/dim; ``mse``: mean squared error in [0, 1] pixel units (clamped recon).
+        * ``perceptual`` (training only, ``perceptual_weight > 0``): the mean
+          :meth:`perceptual_distance`, added to ``recon_nll`` like a per-pixel squared error.
         """
         if out is None:
             out = self(x)
-        cfg = self.config
-        fixed = cfg.likelihood != "discretized_gaussian"
-        log_scale = self.log_scale.clamp(*LOG_SCALE_RANGE).view(1, -1, 1, 1)
         x, recon_mean = x.float(), out.recon.float()  # likelihood math in fp32 under autocast
-        mean = recon_mean.detach() if fixed else recon_mean
-        nll = -discretized_gaussian_log_likelihood(x, mean, log_scale).flatten(1).sum(1)  # [B]
-        mu, logvar = out.mu.float(), out.logvar.float()
-        kl_el = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)  # [B, L, h, w]
+        recon, nll = self._pixel_terms(x, recon_mean)
+        kl_el = kl_standard_normal(out.mu.float(), out.logvar.float())  # [B, L, h, w]
         kl = kl_el.flatten(1).sum(1)  # [B]
-        fit_scale = nll - nll.detach()  # value 0; fits log_scale by ML so elbo_bpd stays a bound
-        if cfg.likelihood == "mse":
-            recon = (x - recon_mean).pow(2).flatten(1).sum(1) / (2 * MSE_SIGMA**2) + fit_scale
-        elif cfg.likelihood == "l1":
-            recon = (x - recon_mean).abs().flatten(1).sum(1) / L1_SCALE + fit_scale
-        else:
-            recon = nll
         dims = x[0].numel()
         terms: dict[str, Tensor] = {}
-        if cfg.perceptual_weight > 0 and self.training and torch.is_grad_enabled():
+        if self.config.perceptual_weight > 0 and self.training and torch.is_grad_enabled():
             # Counted like a per-pixel squared error of the "mse" likelihood.
             p = self.perceptual_distance(x, out.recon)
-            recon = recon + cfg.perceptual_weight * dims * p.float() / (2 * MSE_SIGMA**2)
+            recon = recon + self.config.perceptual_weight * dims * p.float() / (2 * MSE_SIGMA**2)
             terms["perceptual"] = p.detach().mean()
-        if cfg.free_bits > 0:  # per latent channel, averaged over batch and positions
-            per_channel = kl_el.mean(dim=(0, 2, 3)).clamp(min=cfg.free_bits)
-            kl_term = per_channel.sum() * (kl_el[0, 0].numel())
-        else:
-            kl_term = kl.mean()
         kl_w = self.kl_weight
-        total = recon.mean() + kl_w * kl_term
+        total = recon.mean() + kl_w * self._kl_penalty(kl_el, kl)
         pix_err = (recon_mean.detach().clamp(-1.0, 1.0) - x) / 2.0  # [0, 1] pixel units
         if self.training:
             terms["kl_weight"] = torch.tensor(kl_w)
@@ -536,33 +334,27 @@ class VAE(nn.Module):
             **terms,
         }
 
+    def _pixel_terms(self, x: Tensor, recon_mean: Tensor) -> tuple[Tensor, Tensor]:
+        """(training pixel loss [B] of ``config.likelihood``, discretised-Gaussian NLL [B])."""
+        likelihood = self.config.likelihood
+        fixed = likelihood != "discretized_gaussian"
+        log_scale = self.log_scale.clamp(*LOG_SCALE_RANGE).view(1, -1, 1, 1)
+        mean = recon_mean.detach() if fixed else recon_mean
+        nll = -discretized_gaussian_log_likelihood(x, mean, log_scale).flatten(1).sum(1)
+        fit_scale = nll - nll.detach()  # value 0; fits log_scale by ML so elbo_bpd stays a bound
+        if likelihood == "mse":
+            recon = (x - recon_mean).pow(2).flatten(1).sum(1) / (2 * MSE_SIGMA**2) + fit_scale
+        elif likelihood == "l1":
+            recon = (x - recon_mean).abs().flatten(1).sum(1) / L1_SCALE + fit_scale
+        else:
+            recon = nll
+        return recon, nll
 
-class _FeatureTaps(nn.Module):
-    """Activations of the first ``n`` stages of a frozen mve classifier, for a perceptual loss.
-
-    Input: images in VAE model space ``[-1, 1]``; they are mapped to the classifier's own
-    normalisation. A stage ends at each activation module (plain stacks) or residual stage.
-    """
-
-    def __init__(self, classifier: nn.Module, preprocessing: dict[str, Any], n: int) -> None:
-        super().__init__()
-        classifier.eval().requires_grad_(False)
-        self.layers = list(classifier.encoder.layers.children())
-        acts = (nn.Mish, nn.ReLU, nn.GELU, nn.SiLU)
-        ends = [i for i, m in enumerate(self.layers)
-                if isinstance(m, acts) or type(m).__name__ == "ResidualStage"]
-        if not ends:
-            raise ValueError("perceptual_classifier has no activation stages to tap")
-        self.ends = ends[:n]
-        self.net = classifier
-        self.register_buffer("mean", torch.tensor(preprocessing["mean"]).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(preprocessing["std"]).view(1, -1, 1, 1))
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        h = ((x + 1.0) / 2.0 - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-        feats = []
-        for i, layer in enumerate(self.layers[: self.ends[-1] + 1]):
-            h = layer(h)
-            if i in self.ends:
-                feats.append(h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
-        return feats
+    def _kl_penalty(self, kl_el: Tensor, kl: Tensor) -> Tensor:
+        """The KL the loss pays (scalar): with ``free_bits``, each latent channel's KL (averaged
+        over batch and positions) is floored at ``free_bits`` nats per element."""
+        free_bits = self.config.free_bits
+        if free_bits <= 0:
+            return kl.mean()
+        per_channel = kl_el.mean(dim=(0, 2, 3)).clamp(min=free_bits)
+        return per_channel.sum() * kl_el[0, 0].numel()

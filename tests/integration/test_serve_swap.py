@@ -12,8 +12,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,17 +20,19 @@ import requests
 from mve.checkpoint import load_checkpoint
 from serve_app.dataplane import applied, embedded_env
 from serve_app.deploy import app_config, deploy, load_config, set_user_config
-from serve_app.testing import free_port, make_classifier, make_vae, png_bytes, random_images
+from serve_app.testing import (
+    ServedApp,
+    free_port,
+    make_classifier,
+    make_vae,
+    png_bytes,
+    random_images,
+)
 
 pytestmark = pytest.mark.ray
 IMG = png_bytes(random_images(1, seed=4)[0])
 
 
-@dataclass
-class Env:
-    url: str
-    config: dict[str, Any]
-    ckpts: dict[str, Path] = field(default_factory=dict)
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +58,13 @@ def env(tmp_path_factory: pytest.TempPathFactory):
                  logging_level=logging.WARNING)
     try:
         deploy(config)
-        yield Env(f"http://127.0.0.1:{port}", config, ckpts)
+        yield ServedApp(f"http://127.0.0.1:{port}", config, ckpts)
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
-def info(env: Env) -> dict[str, Any]:
+def info(env: ServedApp) -> dict[str, Any]:
     (model,) = requests.get(env.url + "/v1/models", timeout=30).json()["models"]
     return model
 
@@ -80,7 +80,7 @@ def wait_for(predicate: Any, timeout_s: float = 60.0) -> dict[str, Any]:
 
 
 @contextmanager
-def traffic(env: Env, threads: int = 3) -> Iterator[list[tuple[int, str]]]:
+def traffic(env: ServedApp, threads: int = 3) -> Iterator[list[tuple[int, str]]]:
     """Clients posting /v1/classify back to back; yields the (status, checkpoint id) list."""
     results: list[tuple[int, str]] = []
     stop = threading.Event()
@@ -108,12 +108,12 @@ def traffic(env: Env, threads: int = 3) -> Iterator[list[tuple[int, str]]]:
             w.join(timeout=60)
 
 
-def swap(env: Env, **user_config: Any) -> None:
+def swap(env: ServedApp, **user_config: Any) -> None:
     env.config = set_user_config(env.config, "classifier", **user_config)
     deploy(env.config)
 
 
-def test_hot_swap_under_traffic_drops_nothing(env: Env) -> None:
+def test_hot_swap_under_traffic_drops_nothing(env: ServedApp) -> None:
     before = info(env)
     new_id = load_checkpoint(env.ckpts["c2"]).checkpoint_id
     assert before["checkpoint_id"] != new_id
@@ -140,7 +140,7 @@ def test_hot_swap_under_traffic_drops_nothing(env: Env) -> None:
     ("vae", "not a 'classifier'"),
     ("pickle", "never loads pickled"),
 ])
-def test_bad_checkpoint_is_refused_and_old_model_keeps_serving(env: Env, bad: str,
+def test_bad_checkpoint_is_refused_and_old_model_keeps_serving(env: ServedApp, bad: str,
                                                                why: str) -> None:
     before = info(env)
     with traffic(env, threads=2) as results:
@@ -153,7 +153,7 @@ def test_bad_checkpoint_is_refused_and_old_model_keeps_serving(env: Env, bad: st
     assert results and all(r == (200, before["checkpoint_id"]) for r in results), results[:5]
 
 
-def test_batching_settings_apply_live(env: Env) -> None:
+def test_batching_settings_apply_live(env: ServedApp) -> None:
     before = info(env)
     swap(env, checkpoint=before["checkpoint"], max_batch_size=3, batch_wait_timeout_s=0.05)
     after = wait_for(lambda: (m := info(env))["max_batch_size"] == 3 and m)
@@ -164,7 +164,7 @@ def test_batching_settings_apply_live(env: Env) -> None:
     swap(env, max_batch_size=32, batch_wait_timeout_s=0.0)
 
 
-def test_tta_and_threads_apply_live(env: Env) -> None:
+def test_tta_and_threads_apply_live(env: ServedApp) -> None:
     before = info(env)
     probs = {}
     for mode in ("none", "flip_translate", "flip"):
@@ -178,7 +178,7 @@ def test_tta_and_threads_apply_live(env: Env) -> None:
     assert probs["none"] != probs["flip"] != probs["flip_translate"]  # the modes really differ
 
 
-def test_first_load_failure_fails_clearly(env: Env) -> None:
+def test_first_load_failure_fails_clearly(env: ServedApp) -> None:
     broken = app_config(load_config(), classifier=str(env.ckpts["missing"]), vae=None,
                         name="broken", mount="/broken")
     for app in broken["applications"][1:]:  # the model apps (the front needs no checkpoint)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import ray
-from PIL import Image
+from _archives import colour_archive, rgb_ramp  # tests/integration/_archives.py
 
 from cluster.train import ClusterConfig, run_name, run_training
 from mve.checkpoint import load_checkpoint, load_training_state
@@ -26,19 +24,9 @@ SMALL = ["model.num_classes=4", "model.cnn_layers=3", "model.starting_channels=8
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> Path:
     """4 classes x 100 PNGs (32x32) whose colour tells the class."""
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    out = root / "colours.tar.gz"
-    with tarfile.open(out, "w:gz") as tar:
-        for k in range(4):
-            d = root / "train" / f"class{k}"
-            d.mkdir(parents=True)
-            for i in range(100):
-                mean = np.array([40 + 60 * k, 200 - 50 * k, 120], dtype=float)
-                px = np.clip(rng.normal(mean, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(px).save(d / f"{i:03d}.png")
-        tar.add(root / "train", arcname="train")
-    return out
+    return colour_archive(tmp_path_factory.mktemp("data"), classes=4, per_class=100,
+                          colour=rgb_ramp, class_dir="class{k}", image_name="{i:03d}.png",
+                          name="colours.tar.gz")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +37,7 @@ def local_ray():
 
 
 def _cfg(*extra: str):
-    return load_train_config("classifier", overrides=[*SMALL, *extra])
+    return load_train_config("classifier", preset="baseline", overrides=[*SMALL, *extra])
 
 
 def test_two_workers_match_one_worker(archive, tmp_path, local_ray):

@@ -152,10 +152,10 @@ def test_asha_optuna_search_exports_a_servable_best_checkpoint(archive, spaces, 
     assert _is_png(out / "trial_curves.png") and _is_png(out / "param_importance.png")
 
     # `mve evaluate DIR/best` loads it and reproduces the validation accuracy.
-    from mve.cli import main as mve_main
+    from mve_cli.main import main as mve_main
 
     capsys.readouterr()
-    assert mve_main(["evaluate", str(out / "best"), "--json"]) == 0
+    assert mve_main(["evaluate", str(out / "best"), "--json", "--out", str(out / "eval")]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert evaluated["accuracy"] == pytest.approx(best_value, abs=1e-6)
 

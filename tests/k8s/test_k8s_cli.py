@@ -19,9 +19,12 @@ from k8s_testlib import (
     one,
     pod_templates,
     render,
+    train_parser,
+    tune_parser,
 )
 
 from cluster import k8s as k8s_cli
+from mve.errors import run_command
 
 NS = "mve"
 RAYJOBS = f"/apis/ray.io/v1/namespaces/{NS}/rayjobs"
@@ -114,7 +117,7 @@ def assert_valid_rayjob(job: dict) -> None:
 def mve_like_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mve")
     sub = parser.add_subparsers(dest="command", required=True)
-    k8s_cli.add_k8s_arguments(sub.add_parser("k8s", help="run on KubeRay"))
+    sub.add_parser("k8s", parents=[k8s_cli.k8s_parent()], help="run on KubeRay")
     return parser
 
 
@@ -174,9 +177,7 @@ def test_submit_clones_the_template_with_files(fake, tmp_path):
         assert spec[key] == template[key]
     entry = shlex.split(spec["entrypoint"])
     assert entry[:3] == ["python", "-m", "cluster.tune"]
-    from cluster.tune import build_parser
-
-    a = build_parser().parse_args(entry[3:])
+    a = tune_parser().parse_args(entry[3:])
     assert (a.model, a.samples, a.space) == ("classifier", 6, "/etc/mve/job/my_space.yaml")
     assert (a.address, a.storage, a.name, a.out) == (
         "auto", "/mnt/cluster_storage/ray", "mve-tune-test",
@@ -209,11 +210,7 @@ def test_submit_train_with_defaults(fake):
     assert job["spec"]["entrypoint"] == sent["spec"]["entrypoint"]
     entry = shlex.split(sent["spec"]["entrypoint"])
     assert entry[:3] == ["python", "-m", "cluster.train"]
-    from mve.cli import add_train_arguments
-
-    p = argparse.ArgumentParser()
-    add_train_arguments(p)
-    a = p.parse_args(entry[3:])
+    a = train_parser().parse_args(entry[3:])
     assert (a.model, a.epochs, a.workers, a.gpu, a.address) == ("vae", 3, 2, True, "auto")
     assert a.out == "/mnt/cluster_storage/train/mve-train-vae-1"
 
@@ -222,7 +219,7 @@ def test_submit_without_command_runs_the_templates_entrypoint(fake):
     cluster, api, pool = fake
     args = mve_like_parser().parse_args(["k8s", "submit"])
     assert (args.entry, args.entry_args) == (None, [])
-    assert k8s_cli.k8s_command(args, api_client=api) == 0
+    assert k8s_cli.run(args, api_client=api) == 0
     job = pool.requests[1]["body"]
     assert_valid_rayjob(job)
     template = cluster.objects[(RAYJOBS, "mve-tune")]["spec"]["entrypoint"]
@@ -243,7 +240,7 @@ def test_submit_refuses_bad_arguments_before_any_request(fake, capsys):
         k8s_cli.submit(api, namespace=NS, command="tune", args=["vae"], name="Bad_Name")
     assert pool.requests == []
     args = mve_like_parser().parse_args(["k8s", "submit", "tune", "classifier", "--nope"])
-    assert k8s_cli.k8s_command(args, api_client=api) == 2
+    assert run_command(lambda a: k8s_cli.run(a, api_client=api), args, prog="mve k8s") == 2
     assert "unrecognized arguments" in capsys.readouterr().err
     assert pool.requests == []
 
@@ -262,7 +259,7 @@ def test_submit_dry_run_from_a_rendered_file(tmp_path, capsys):
     args = mve_like_parser().parse_args(
         ["k8s", "submit", "--template", str(rendered), "--dry-run", "--name", "dry", "tune",
          "vae", "--gpus-per-trial", "1"])
-    assert k8s_cli.k8s_command(args) == 0  # no kube config needed
+    assert k8s_cli.run(args) == 0  # no kube config needed
     (job,) = list(yaml.safe_load_all(capsys.readouterr().out))
     assert_valid_rayjob(job)
     gpu = [g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"] if g["groupName"] == "gpu"]

@@ -30,6 +30,7 @@ from k8s_testlib import (
     pod_template_errors,
     pod_templates,
     render,
+    tune_parser,
 )
 
 from cluster import k8s as k8s_cli
@@ -318,11 +319,9 @@ def test_rayjob_template_is_suspended_and_cleans_up(docs):
 
 
 def test_rayjob_entrypoint_parses_with_cluster_tune(docs, overlay):
-    from cluster.tune import build_parser
-
     entry = shlex.split(one(docs, "RayJob")["spec"]["entrypoint"])
     assert entry[:3] == ["python", "-m", "cluster.tune"]
-    args = build_parser().parse_args(entry[3:])
+    args = tune_parser().parse_args(entry[3:])
     assert args.storage.startswith(STORAGE) and args.out.startswith(STORAGE)
     assert args.data.startswith(STORAGE) and args.address == "auto"
     assert (args.gpus_per_trial > 0) == (overlay == "gpu")

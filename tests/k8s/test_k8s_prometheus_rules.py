@@ -5,7 +5,6 @@ PromQL. promtool comes from Debian's `prometheus` package (.ci/deps-prometheus.s
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from k8s_testlib import K8S, one, render
+from k8s_testlib import K8S, one, render, required_tool
 
 HERE = Path(__file__).resolve().parent
 RULE_FILE = K8S / "base" / "monitoring" / "prometheusrule.yaml"
@@ -22,12 +21,7 @@ DASHBOARD = K8S / "base" / "monitoring" / "mve-dashboard.json"
 
 @pytest.fixture(scope="module")
 def promtool() -> str:
-    exe = shutil.which("promtool")
-    if exe is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("promtool missing in CI: run .ci/deps-prometheus.sh")
-        pytest.skip("promtool not installed (bash .ci/deps-prometheus.sh)")
-    return exe
+    return required_tool("promtool", "bash .ci/deps-prometheus.sh")
 
 
 def rule_groups() -> list[dict]:

@@ -20,10 +20,8 @@ import io
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
-import tarfile
 import time
 import urllib.error
 import urllib.parse
@@ -33,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from k8s_testlib import K8S
+from k8s_testlib import K8S, required_tool
 
 pytestmark = pytest.mark.ray
 
@@ -182,31 +180,15 @@ class Prometheus:
 
 @pytest.fixture(scope="module")
 def prometheus_exe() -> str:
-    exe = shutil.which("prometheus")
-    if exe is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("prometheus missing in CI: run .ci/deps-prometheus.sh")
-        pytest.skip("prometheus not installed (bash .ci/deps-prometheus.sh)")
-    return exe
+    return required_tool("prometheus", "bash .ci/deps-prometheus.sh")
 
 
 def tiny_archive(root: Path) -> Path:
-    """4 classes x 30 PNGs whose colour tells the class."""
-    from PIL import Image
+    """4 classes x 30 PNGs whose colour tells the class (as tests/integration/test_train.py)."""
+    from _archives import colour_archive, rgb_ramp  # tests/integration/_archives.py
 
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
-    out = root / "colours.tar.gz"
-    with tarfile.open(out, "w:gz") as tar:
-        for k in range(4):
-            d = root / "train" / f"class{k}"
-            d.mkdir(parents=True)
-            for i in range(30):
-                mean = np.array([40 + 60 * k, 200 - 50 * k, 120], dtype=float)
-                px = np.clip(rng.normal(mean, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(px).save(d / f"{i:03d}.png")
-        tar.add(root / "train", arcname="train")
-    return out
+    return colour_archive(root, classes=4, per_class=30, colour=rgb_ramp, class_dir="class{k}",
+                          image_name="{i:03d}.png", name="colours.tar.gz")
 
 
 def png_bytes() -> bytes:
@@ -249,7 +231,7 @@ def test_prometheus_reads_training_and_serving_metrics(prometheus_exe, tmp_path)
     try:
         prom = Prometheus(prometheus_exe, tmp_path, scrape_configs(ports))
         # -- training: a 2-epoch Ray Train run exports mve's gauges and Train's controller state
-        cfg = load_train_config("classifier", overrides=[
+        cfg = load_train_config("classifier", preset="baseline", overrides=[
             "model.num_classes=4", "model.cnn_layers=3", "model.starting_channels=8",
             "model.final_channels=16", "model.fcn_layers=2", "model.pooling=max",
             "data.val_size=20", "data.augment.crop_padding=0", "data.augment.flip=false",

@@ -74,7 +74,7 @@ def test_the_payloads_are_live(tmp_path):
 
 @pytest.fixture(scope="module")
 def good_checkpoint(tmp_path_factory) -> Path:
-    cfg = load_train_config("classifier", overrides=SMALL)
+    cfg = load_train_config("classifier", preset="baseline", overrides=SMALL)
     model = build_model("classifier", cfg.model_config)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     return save_checkpoint(
@@ -159,7 +159,7 @@ def test_a_pickle_in_place_of_the_weights_is_refused_everywhere(case, good_check
     with pytest.raises(CheckpointError):
         verify_checkpoint(target)
 
-    from mve.cli import main as mve_main
+    from mve_cli.main import main as mve_main
 
     capsys.readouterr()
     assert mve_main(["evaluate", str(target)]) == 2
@@ -190,7 +190,7 @@ def test_mve_evaluate_cli_refuses_a_pickle(good_checkpoint, tmp_path):
     """The installed entry point, in a process of its own."""
     marker = tmp_path / "pwned"
     d = _weights_torch_forged(_copy(good_checkpoint, tmp_path / "ckpt"), marker)
-    proc = subprocess.run([sys.executable, "-c", "import sys; from mve.cli import main; "
+    proc = subprocess.run([sys.executable, "-c", "import sys; from mve_cli.main import main; "
                            "sys.exit(main())", "evaluate", str(d)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -32,9 +32,10 @@ from _train_helpers import (
     wait_for,
 )
 
-from cluster.common import fetch_checkpoint, resolve_storage
+from cluster.common import fetch_checkpoint
 from mve.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, verify_checkpoint
 from mve.runs import latest_checkpoint
+from mve.storage import resolve_storage
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -167,7 +168,7 @@ def archive(tmp_path_factory) -> Path:
 
 def _cmd(archive: Path, s3: S3Server, out: Path, *, epochs: int, name: str | None = None
          ) -> list[str]:
-    sets = [a for s in SMALL_CLASSIFIER for a in ("--set", s)]
+    sets = ["--preset", "baseline", *(a for s in SMALL_CLASSIFIER for a in ("--set", s))]
     return [sys.executable, "-m", "cluster.train", "classifier", "--data", str(archive),
             "--workers", "1", "--epochs", str(epochs), "--max-failures", "2",
             "--storage", f"s3://{BUCKET}/runs", "--s3-endpoint", s3.endpoint,
@@ -202,7 +203,7 @@ def test_latest_checkpoint_skips_a_partly_stored_checkpoint(stored, tmp_path):
     from mve.config import load_train_config
     from mve.models import build_model
 
-    cfg = load_train_config("classifier", overrides=SMALL_CLASSIFIER)
+    cfg = load_train_config("classifier", preset="baseline", overrides=SMALL_CLASSIFIER)
     model = build_model("classifier", cfg.model_config)
     kw = {"model_name": "classifier", "model_config": cfg.model_config,
           "preprocessing": {"input_size": [32, 32], "mean": [0.5] * 3, "std": [0.25] * 3}}
@@ -269,7 +270,7 @@ def test_serve_loader_reads_a_checkpoint_from_s3(s3, tmp_path, monkeypatch):
     from mve.config import load_train_config
     from mve.models import build_model
 
-    cfg = load_train_config("classifier", overrides=SMALL_CLASSIFIER)
+    cfg = load_train_config("classifier", preset="baseline", overrides=SMALL_CLASSIFIER)
     model = build_model("classifier", cfg.model_config)
     local = save_checkpoint(tmp_path / "ckpt", model, model_name="classifier",
                             model_config=cfg.model_config, class_names=["a", "b", "c"],

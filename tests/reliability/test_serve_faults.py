@@ -19,7 +19,6 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ import requests
 
 from mve.checkpoint import load_checkpoint
 from serve_app.deploy import app_config, deploy, fixed_replicas, load_config, set_user_config
-from serve_app.testing import free_port, make_classifier, png_bytes, random_images
+from serve_app.testing import ServedApp, free_port, make_classifier, png_bytes, random_images
 
 pytestmark = pytest.mark.ray
 
@@ -43,15 +42,10 @@ BATCH_CLIENTS = 2  # replica kill only: clients sending BATCH_IMAGES-image reque
 BATCH_IMAGES = 32
 
 
-@dataclass
-class App:
-    url: str
-    config: dict[str, Any]
-    ckpts: dict[str, Path] = field(default_factory=dict)
 
 
 @pytest.fixture(scope="module")
-def app(serve_instance, tmp_path_factory: pytest.TempPathFactory) -> App:
+def app(serve_instance, tmp_path_factory: pytest.TempPathFactory) -> ServedApp:
     d = tmp_path_factory.mktemp("serve-faults")
     ckpts = {"c1": make_classifier(d / "c1", seed=1), "c2": make_classifier(d / "c2", seed=2)}
     config = app_config(load_config(), classifier=str(ckpts["c1"]), vae=None,
@@ -59,7 +53,7 @@ def app(serve_instance, tmp_path_factory: pytest.TempPathFactory) -> App:
     config = fixed_replicas(fixed_replicas(config, 1), REPLICAS, model="classifier")
     url = serve_instance(config)
     wait_until(lambda: healthy(), 180, "the app to reach 2 classifier replicas")
-    return App(url, config, ckpts)
+    return ServedApp(url, config, ckpts)
 
 
 # -- cluster state ---------------------------------------------------------------------------
@@ -160,7 +154,7 @@ def _valid_batch(body: bytes) -> bool:
     return len(json.loads(body)["predictions"]) == BATCH_IMAGES
 
 
-def run_fault(app: App, load_tools: Any, inject: Callable[[], dict[str, Any]],
+def run_fault(app: ServedApp, load_tools: Any, inject: Callable[[], dict[str, Any]],
               recovered: Callable[[], bool], *, batches: bool = False) -> dict[str, Any]:
     """Steady load; ``inject()`` the fault ("during" starts); wait for ``recovered()``
     ("after" starts); more steady load; returns the figures.
@@ -222,7 +216,7 @@ def assert_nothing_failed(figures: dict[str, Any]) -> None:
 
 # -- the scenarios ---------------------------------------------------------------------------
 
-def test_replica_kill_under_load_fails_no_request(app: App, load_tools, record_figures) -> None:
+def test_replica_kill_under_load_fails_no_request(app: ServedApp, load_tools, record_figures) -> None:
     before = alive_actors(REPLICA_CLASS)
     assert len(before) == REPLICAS
     victim, pid = sorted(before.items())[0]
@@ -243,7 +237,7 @@ def test_replica_kill_under_load_fails_no_request(app: App, load_tools, record_f
     assert victim not in after and len(after) == REPLICAS and running_replicas() == REPLICAS
 
 
-def test_haproxy_kill_under_load_fails_no_request(app: App, load_tools, record_figures) -> None:
+def test_haproxy_kill_under_load_fails_no_request(app: ServedApp, load_tools, record_figures) -> None:
     (pid,) = haproxy_pids()
 
     def inject() -> dict[str, Any]:
@@ -262,7 +256,7 @@ def test_haproxy_kill_under_load_fails_no_request(app: App, load_tools, record_f
     assert running_replicas() == REPLICAS  # the replicas were untouched
 
 
-def test_python_proxy_kill_under_load_fails_no_request(app: App, load_tools,
+def test_python_proxy_kill_under_load_fails_no_request(app: ServedApp, load_tools,
                                                        record_figures) -> None:
     """Serve's Python proxy is only HAProxy's fallback now: losing it touches no request."""
     before = alive_actors(PROXY_CLASS)
@@ -285,7 +279,7 @@ def test_python_proxy_kill_under_load_fails_no_request(app: App, load_tools,
     assert victim not in alive_actors(PROXY_CLASS) and running_replicas() == REPLICAS
 
 
-def test_hot_swap_under_load_fails_no_request(app: App, load_tools, record_figures) -> None:
+def test_hot_swap_under_load_fails_no_request(app: ServedApp, load_tools, record_figures) -> None:
     old_id = load_checkpoint(app.ckpts["c1"]).checkpoint_id
     new_id = load_checkpoint(app.ckpts["c2"]).checkpoint_id
     replicas = alive_actors(REPLICA_CLASS)

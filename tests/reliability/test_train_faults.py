@@ -46,7 +46,7 @@ def archive(tmp_path_factory) -> Path:
 
 
 def _cmd(archive: Path, tmp: Path, *, workers: int, epochs: int = EPOCHS) -> list[str]:
-    sets = [a for s in SMALL_CLASSIFIER for a in ("--set", s)]
+    sets = ["--preset", "baseline", *(a for s in SMALL_CLASSIFIER for a in ("--set", s))]
     return [sys.executable, "-m", "cluster.train", "classifier", "--data", str(archive),
             "--workers", str(workers), "--epochs", str(epochs), "--max-failures", "2",
             "--storage", str(tmp / "storage"), "--out", str(tmp / "out"), *sets]

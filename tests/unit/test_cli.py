@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from _archives import colour_archive  # tests/integration/_archives.py
 
-from mve.cli import main
+from mve_cli.main import main
 
 CLASSES = ["ant", "bee", "cat", "dog"]
 
@@ -21,22 +18,12 @@ CLASSES = ["ant", "bee", "cat", "dog"]
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> Path:
     """A tar.gz image-folder tree: 4 classes x 40 PNGs, colour tells the class."""
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for k, name in enumerate(CLASSES):
-        d = root / "tree" / "train" / name
-        d.mkdir(parents=True)
-        for i in range(40):
-            px = np.clip(rng.normal(40 + 60 * k, 25, (32, 32, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(px).save(d / f"{i:04d}.png")
-    out = root / "tiny.tar.gz"
-    with tarfile.open(out, "w:gz") as tar:
-        tar.add(root / "tree" / "train", arcname="train")
-    shutil.rmtree(root / "tree")
-    return out
+    return colour_archive(tmp_path_factory.mktemp("data"), names=CLASSES, colour=lambda k: 40 + 60 * k,
+                          noise=25, image_name="{i:04d}.png", name="tiny.tar.gz")
 
 
-SMALL = ["--set", "model.num_classes=4", "--set", "model.final_channels=32", "--set",
+SMALL = ["--preset", "baseline", "--set", "model.num_classes=4", "--set",
+         "model.final_channels=32", "--set",
          "model.cnn_layers=4", "--set", "model.fcn_layers=2", "--set", "data.val_size=40",
          "--set", "batch_size=20"]
 
@@ -79,7 +66,7 @@ def test_data_inspect(archive, capsys):
     assert info["image_size"] == [32, 32, 3]
 
 
-def test_train_local_then_evaluate_json(archive, tmp_path, capsys):
+def test_train_local_then_evaluate_json(archive, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     assert main(["train", "classifier", "--local", "--data", str(archive), "--epochs", "2",
                  "--out", str(out), *SMALL]) == 0
@@ -90,6 +77,10 @@ def test_train_local_then_evaluate_json(archive, tmp_path, capsys):
     report = (out / "REPORT.md").read_text()
     assert "| Class" in report and "ant" in report
     capsys.readouterr()
+    before = _tree(out)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     assert main(["evaluate", str(out), "--data", str(archive), "--json"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert any(line.startswith("| Class") for line in lines)
@@ -98,6 +89,19 @@ def test_train_local_then_evaluate_json(archive, tmp_path, capsys):
     meta = json.loads((out / "mve.json").read_text())
     assert metrics["accuracy"] == pytest.approx(meta["metrics"]["val_accuracy"])
     assert Path(metrics["confusion_matrix_png"]).exists()
+    # the checkpoint is only read: the PNG lands in the current directory, or in --out
+    assert Path(metrics["confusion_matrix_png"]).resolve().parent == cwd.resolve()
+    assert _tree(out) == before
+    assert main(["evaluate", str(out), "--data", str(archive), "--json", "--out",
+                 str(tmp_path / "eval")]) == 0
+    assert (tmp_path / "eval" / "confusion_matrix_val.png").exists()
+    assert _tree(out) == before
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``root`` with its size and modification time."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_resume_runs_only_missing_epochs(archive, tmp_path):

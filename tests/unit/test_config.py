@@ -8,8 +8,16 @@ import yaml
 from mve.config import ConfigError, TrainConfig, load_train_config, parse_overrides
 
 
-def test_defaults_are_the_default_recipe():
+def test_no_preset_is_the_best_known_recipe():
     cfg = load_train_config("classifier")
+    assert cfg == load_train_config("classifier", preset="fast")
+    assert cfg.preset == "fast" and cfg.model_preset == "convgroups"
+    assert (cfg.optim.name, cfg.optim.schedule, cfg.batch_size) == ("sgd", "linear", 1024)
+    assert cfg.averaging == "lookahead" and cfg.data.augment.alternating_flip
+
+
+def test_baseline_preset_is_the_old_generic_default():
+    cfg = load_train_config("classifier", preset="baseline")
     assert cfg.model == "classifier" and cfg.model_preset == "seed"
     assert cfg.optim.name == "sgd" and cfg.optim.schedule == "onecycle"
     assert cfg.data.augment.crop_padding == 4 and cfg.data.augment.flip
@@ -74,3 +82,15 @@ def test_unknown_preset_and_file_errors(tmp_path):
 def test_parse_overrides_nests_and_types():
     assert parse_overrides(["a.b.c=1", "a.d=true", "e=[1, 2]", "f=null"]) == {
         "a": {"b": {"c": 1}, "d": True}, "e": [1, 2], "f": None}
+
+
+def test_a_small_split_gets_a_smaller_batch_and_a_scaled_lr():
+    cfg = load_train_config("classifier", preset="fast")
+    assert cfg.fitted_to(45_000) is cfg  # full data: 43 steps of 1024, as tuned
+    small = cfg.fitted_to(3_000)
+    assert small.batch_size == 3_000 // 40 and small.batch_size * 40 <= 3_000
+    assert small.optim.lr == pytest.approx(cfg.optim.lr * small.batch_size / 1024)
+    assert cfg.fitted_to(3_000, world_size=2).batch_size == 1_500 // 40
+    assert cfg.fitted_to(100).batch_size == 32  # never below 32 images
+    baseline = load_train_config("classifier", preset="baseline")
+    assert baseline.fitted_to(100) is baseline  # min_steps_per_epoch 0: as configured

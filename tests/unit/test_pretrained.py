@@ -5,14 +5,12 @@ from __future__ import annotations
 import argparse
 
 from mve.pretrained import default_checkpoint, default_classifier, default_vae, repo_root
-from serve_app.cli import add_serve_arguments, apply_default_models
+from serve_app.cli import apply_default_models, serve_parent
 from serve_app.testing import make_classifier, make_vae
 
 
 def _serve_args(*argv: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    add_serve_arguments(p)
-    return p.parse_args(list(argv))
+    return argparse.ArgumentParser(parents=[serve_parent()]).parse_args(list(argv))
 
 
 def test_env_overrides_and_empty_disables(tmp_path, monkeypatch):

@@ -36,3 +36,15 @@ def test_two_epochs_on_3000_images_clearly_beat_chance(shared_archive, full):
     acc = result.history[-1]["val_accuracy"]
     # chance is 0.10; with 1,000 validation images its std is ~0.01, so 0.22 is far above it
     assert acc > 0.22, f"validation accuracy {acc:.3f} after 2 epochs (chance is 0.10)"
+
+
+def test_the_default_recipe_learns_in_one_epoch_on_3000_images(shared_archive):
+    """`mve train classifier --epochs 1 --limit 3000` without a preset: the fast recipe, its
+    batch fitted to the small split (min_steps_per_epoch), well above the old default's 13%."""
+    cfg = load_train_config("classifier", extra={"epochs": 1, "data": {"limit": 3000}})
+    assert cfg.preset == "fast" and cfg.batch_size == 1024
+    data = load_data(shared_archive, limit=3000)  # the 5,000-image validation split
+    assert cfg.fitted_to(len(data.train)).batch_size == 3000 // cfg.min_steps_per_epoch
+    result = fit(cfg, data, progress=False)
+    acc = result.history[-1]["val_accuracy"]
+    assert acc >= 0.30, f"validation accuracy {acc:.3f} after one epoch on 3,000 images"

@@ -19,7 +19,7 @@ def convnet(**kw):
     return build_model("classifier", make_config("classifier", kw, preset="convgroups"))
 
 
-@pytest.mark.parametrize("preset", [None, "fast", "best", "seed"])
+@pytest.mark.parametrize("preset", [None, "fast", "best", "seed", "baseline"])
 def test_every_recipe_preset_stays_under_one_million_parameters(preset):
     cfg = load_train_config("classifier", preset=preset)
     n = sum(p.numel() for p in build_model("classifier", cfg.model_config).parameters())

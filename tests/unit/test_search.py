@@ -212,10 +212,10 @@ def test_flatten_unflatten_and_trial_config():
     assert cfg.optim.name == base.optim.name
 
 
-# -- the search's report (cluster.tune_report is Ray-free too) ------------------------------
+# -- the search's report (cluster.tune.report is Ray-free too) ------------------------------
 
 def _trial(tid: str, values: list[float], status: str = "TERMINATED", lr: float = 0.01):
-    from cluster.tune_report import TrialRecord
+    from cluster.tune.report import TrialRecord
 
     hist = [{"epoch": i + 1, "val_accuracy": v, "node_ip": "10.0.0.1"}
             for i, v in enumerate(values)]
@@ -223,7 +223,7 @@ def _trial(tid: str, values: list[float], status: str = "TERMINATED", lr: float 
 
 
 def test_rows_rank_trials_and_flag_asha_stops():
-    from cluster.tune_report import result_rows, select_best
+    from cluster.tune.report import result_rows, select_best
 
     trials = [_trial("b", [0.5, 0.7, 0.6, 0.65]), _trial("a", [0.4]),
               _trial("c", [0.5, 0.7, 0.8, 0.75]), _trial("d", [0.2], status="ERROR"),
@@ -244,7 +244,7 @@ def test_rows_rank_trials_and_flag_asha_stops():
 def test_report_files_and_plot_fallbacks(tmp_path):
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-    from cluster.tune_report import plot_param_importance, plot_trial_curves, write_results
+    from cluster.tune.report import plot_param_importance, plot_trial_curves, write_results
 
     dists = {"optim.lr": FloatDistribution(1e-4, 1e-1, log=True),
              "batch_size": CategoricalDistribution([16, 32])}
@@ -263,3 +263,55 @@ def test_report_files_and_plot_fallbacks(tmp_path):
                                         "best": 0.123456789}], tmp_path, title="t")
     assert "0.123456789" in csv_path.read_text()
     assert "| x\\|y | yes | 0.123457 |" in md_path.read_text()
+
+
+def test_export_writes_best_from_the_one_loaded_checkpoint(tmp_path, monkeypatch):
+    """best/ and the summary come from the checkpoint loaded once after the search: the source
+    directory is gone and every reader is disabled by the time the report is written."""
+    import dataclasses
+    import json
+    import shutil
+
+    import torch
+
+    from cluster.tune.report import write_outputs
+    from mve import checkpoint as checkpoint_mod
+    from mve import runs
+    from mve.checkpoint import load_checkpoint, save_checkpoint
+    from mve.models import build_model
+
+    cfg = load_train_config("classifier", extra={"epochs": 2})
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path="/data/x.tar.gz"))
+    history = [{"epoch": 1, "train_loss": 1.2, "val_accuracy": 0.5},
+               {"epoch": 2, "train_loss": 0.9, "val_accuracy": 0.6}]
+    src = save_checkpoint(
+        tmp_path / "src", build_model("classifier", cfg.model_config), model_name="classifier",
+        model_config=cfg.model_config, class_names=[f"c{i}" for i in range(10)],
+        preprocessing={"input_size": [32, 32], "mean": [0.5] * 3, "std": [0.25] * 3},
+        metrics={"epoch": 2, "val_accuracy": 0.6}, train_config=cfg.to_dict(),
+        training_state={"epoch": 2, "history": history, "optimizer": {"m": torch.ones(3)}})
+    best = load_checkpoint(src)
+    shutil.rmtree(src)
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("the checkpoint was opened again")
+
+    for name in ("load_checkpoint", "read_meta", "load_training_state", "verify_checkpoint"):
+        monkeypatch.setattr(checkpoint_mod, name, no_reads)
+        monkeypatch.setattr(runs, name, no_reads, raising=False)
+    out = tmp_path / "out"
+    summary = write_outputs(out, [_trial("a", [0.5, 0.6])], model="classifier",
+                            metric="val_accuracy", mode="max", max_epochs=2,
+                            param_keys=["optim.lr"], distributions={}, best_cfg=cfg,
+                            best_ckpt=best, command="mve tune classifier",
+                            experiment_path="/x/tune-classifier")
+    monkeypatch.undo()
+    assert (summary["best_checkpoint_epoch"], summary["best_checkpoint_value"]) == (2, 0.6)
+    assert json.loads((out / "best" / "history.json").read_text()) == history
+    assert yaml.safe_load((out / "best" / "config.yaml").read_text())["data"]["path"] == \
+        "/data/x.tar.gz"
+    assert yaml.safe_load((out / "best.yaml").read_text()) == cfg.to_dict()
+    exported = load_checkpoint(out / "best")
+    assert exported.metrics == best.metrics and exported.class_names == best.class_names
+    assert not (out / "best" / "training_state.safetensors").exists()
+    assert (out / "best" / "REPORT.md").is_file()

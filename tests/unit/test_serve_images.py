@@ -251,9 +251,9 @@ def test_cli_and_client_modules_do_not_import_ray() -> None:
     code = ("import argparse, sys\n"
             "from serve_app import cli, client, deploy, images, oip, parsing, schemas, loading\n"
             "p = argparse.ArgumentParser(); s = p.add_subparsers()\n"
-            "cli.add_serve_arguments(s.add_parser('serve'))\n"
-            "cli.add_predict_arguments(s.add_parser('predict'))\n"
-            "cli.add_generate_arguments(s.add_parser('generate'))\n"
+            "s.add_parser('serve', parents=[cli.serve_parent()])\n"
+            "s.add_parser('predict', parents=[cli.predict_parent()])\n"
+            "s.add_parser('generate', parents=[cli.generate_parent()])\n"
             "p.parse_args(['serve', '--classifier', 'x', '--metrics-port', '9'])\n"
             "sys.exit(1 if any(m == 'ray' or m.startswith('ray.') for m in sys.modules) else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

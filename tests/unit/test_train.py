@@ -61,7 +61,7 @@ def test_weight_decay_skips_norms_and_biases():
 
 
 def test_fit_learns_reports_and_checkpoints(tmp_path):
-    cfg = load_train_config("classifier", overrides=[*SMALL, "epochs=3", "optim.lr=0.05"])
+    cfg = load_train_config("classifier", preset="baseline", overrides=[*SMALL, "epochs=3", "optim.lr=0.05"])
     data = synthetic_bundle()
     reports = []
 
@@ -86,7 +86,7 @@ def test_fit_learns_reports_and_checkpoints(tmp_path):
 def test_resume_continues_where_it_stopped(tmp_path):
     base = [*SMALL, "optim.lr=0.05"]
     data = synthetic_bundle()
-    full = fit(load_train_config("classifier", overrides=[*base, "epochs=3"]), data,
+    full = fit(load_train_config("classifier", preset="baseline", overrides=[*base, "epochs=3"]), data,
                progress=False)
     saved = {}
 
@@ -96,10 +96,10 @@ def test_resume_continues_where_it_stopped(tmp_path):
             shutil.copytree(ckpt, tmp_path / "e2")
             saved["ok"] = True
 
-    fit(load_train_config("classifier", overrides=[*base, "epochs=3"]), data, progress=False,
+    fit(load_train_config("classifier", preset="baseline", overrides=[*base, "epochs=3"]), data, progress=False,
         report=keep)
     epochs_seen = []
-    resumed = fit(load_train_config("classifier", overrides=[*base, "epochs=3"]), data,
+    resumed = fit(load_train_config("classifier", preset="baseline", overrides=[*base, "epochs=3"]), data,
                   progress=False, resume_from=tmp_path / "e2",
                   report=lambda m, c: epochs_seen.append(m["epoch"]))
     assert saved and epochs_seen == [3]  # only the missing epoch ran
@@ -120,7 +120,37 @@ def test_vae_fit_reports_generation_metrics():
 
 
 def test_class_count_mismatch_is_a_clear_error():
-    cfg = load_train_config("classifier", overrides=[*SMALL[:1], "model.num_classes=10",
+    cfg = load_train_config("classifier", preset="baseline", overrides=[*SMALL[:1], "model.num_classes=10",
                                                      "model.cnn_layers=3", "epochs=1"])
     with pytest.raises(ValueError, match="num_classes=10 but the data has 4 classes"):
         fit(cfg, synthetic_bundle(), progress=False)
+
+
+def test_ema_checkpoints_hold_the_average_and_resume_on_the_raw_weights(tmp_path):
+    import shutil
+
+    cfg = load_train_config("classifier", preset="baseline", overrides=[
+        *SMALL, "epochs=2", "optim.lr=0.05", "averaging=ema", "averaging_decay=0.5",
+        "averaging_every=1"])
+    data = synthetic_bundle()
+    result = fit(cfg, data, progress=False,
+                 report=lambda m, c: shutil.copytree(c, tmp_path / f"e{m['epoch']}"))
+    saved = load_checkpoint(tmp_path / "e2").model.state_dict()
+    state = load_training_state(tmp_path / "e2")
+    # the checkpoint and the returned model carry the average; the training state the raw weights
+    for k, v in result.model.state_dict().items():
+        torch.testing.assert_close(saved[k], v)
+    assert "averager" in state and any(not torch.equal(v, saved[k])
+                                       for k, v in state["raw_model"].items())
+    seen = {}
+
+    def capture(net):  # the model as training resumes, before any step
+        seen.update({k: v.detach().clone() for k, v in net.state_dict().items()})
+        return net
+
+    epochs = []
+    resumed = fit(cfg, data, progress=False, resume_from=tmp_path / "e1", wrap_model=capture,
+                  report=lambda m, c: epochs.append(m["epoch"]))
+    assert epochs == [2] and [h["epoch"] for h in resumed.history] == [1, 2]
+    for k, v in load_training_state(tmp_path / "e1")["raw_model"].items():
+        torch.testing.assert_close(seen[k], v)

@@ -158,6 +158,8 @@ def test_loss_terms(model):
     assert terms.pop("kl_weight") == 1.0
     assert all(torch.isfinite(v) and v.ndim == 0 for v in terms.values())
     assert terms["kl"] >= 0
+    torch.testing.assert_close(terms["kl"],
+                               kl_standard_normal(out.mu, out.logvar).flatten(1).sum(1).mean())
     dims = x[0].numel()
     torch.testing.assert_close(terms["loss"], terms["recon_nll"] + terms["kl"])
     torch.testing.assert_close(terms["elbo_bpd"], terms["loss"].detach() / (dims * math.log(2)))
@@ -174,7 +176,7 @@ def test_mse_likelihood_and_beta(model):
     out = m(x)
     terms = m.loss(x, out)
     sse = ((x - out.recon) ** 2).flatten(1).sum(1).mean()
-    kl = kl_standard_normal(out.mu, out.logvar).mean()
+    kl = kl_standard_normal(out.mu, out.logvar).flatten(1).sum(1).mean()
     torch.testing.assert_close(terms["recon_nll"], sse / (2 * 0.1**2))
     torch.testing.assert_close(terms["loss"], sse / (2 * 0.1**2) + 0.5 * kl)
     # bits/dim stay the discretised-Gaussian beta=1 bound, identical to the other likelihood's
@@ -186,14 +188,16 @@ def test_mse_likelihood_and_beta(model):
 
 def test_kl_helper():
     z = torch.zeros(2, 4, 3, 3)
-    assert torch.equal(kl_standard_normal(z, z), torch.zeros(2))
+    assert torch.equal(kl_standard_normal(z, z), torch.zeros(2, 4, 3, 3))
     mu, logvar = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
     ref = torch.distributions.kl_divergence(
         torch.distributions.Normal(mu, (0.5 * logvar).exp()), torch.distributions.Normal(0.0, 1.0)
-    ).flatten(1).sum(1)
-    kl = kl_standard_normal(mu, logvar)
+    )
+    kl = kl_standard_normal(mu, logvar)  # per latent element
     torch.testing.assert_close(kl, ref)
-    assert (kl > 0).all()
+    per_image = kl.flatten(1).sum(1)
+    torch.testing.assert_close(per_image, ref.flatten(1).sum(1))
+    assert (per_image > 0).all() and (kl >= 0).all()
 
 
 @pytest.mark.parametrize(

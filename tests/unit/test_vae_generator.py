@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _archives import colour_archive  # tests/integration/_archives.py
 from PIL import Image
 
 from mve.checkpoint import load_checkpoint, save_checkpoint
-from mve.cli import main
-from mve.config import load_train_config
+from mve.config import ConfigError, load_train_config
 from mve.models import build_model, make_config
 from mve.models.vae import PRESETS, VAE, VAEConfig
+from mve.perceptual import perceptual_network
 from mve.prior import GaussianMixture, fit_gmm, fit_latent_prior
+from mve_cli.main import main
 from serve_app.testing import make_classifier, make_vae
 
 PREP = {"input_size": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}
@@ -36,19 +36,8 @@ def images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> Path:
     """A tar.gz image-folder tree: 2 classes x 30 PNGs of 32x32."""
-    root = tmp_path_factory.mktemp("vaedata")
-    rng = np.random.default_rng(0)
-    for k, name in enumerate(["a", "b"]):
-        d = root / "tree" / "train" / name
-        d.mkdir(parents=True)
-        for i in range(30):
-            px = np.clip(rng.normal(70 + 90 * k, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(px).save(d / f"{i:03d}.png")
-    out = root / "d.tar.gz"
-    with tarfile.open(out, "w:gz") as tar:
-        tar.add(root / "tree" / "train", arcname="train")
-    shutil.rmtree(root / "tree")
-    return out
+    return colour_archive(tmp_path_factory.mktemp("vaedata"), names=["a", "b"], per_class=30,
+                          colour=lambda k: 70 + 90 * k, image_name="{i:03d}.png")
 
 
 @pytest.fixture
@@ -139,27 +128,42 @@ def test_l1_likelihood_and_config_validation():
             tiny(**kw)
 
 
-def test_perceptual_loss_uses_a_frozen_classifier_outside_the_state_dict(tmp_path):
+def test_perceptual_loss_uses_an_injected_frozen_classifier_outside_the_state_dict(tmp_path):
     clf = make_classifier(tmp_path / "clf")
     torch.manual_seed(0)
     cfg = VAEConfig(**{**PRESETS["tiny"], "likelihood": "mse", "perceptual_weight": 0.5,
                        "perceptual_classifier": str(clf), "perceptual_layers": 2})
     m = VAE(cfg).train()
     x = torch.randint(0, 256, (2, 3, 32, 32)).float() / 127.5 - 1
+    with pytest.raises(RuntimeError, match="no perceptual network was injected"):
+        m.loss(x, m(x))  # the model does no I/O: the trainer injects the network
+    net = perceptual_network(clf, "cpu", stages=cfg.perceptual_layers)
+    m.set_perceptual(net)
     out = m(x)
     terms = m.loss(x, out)
     assert terms["perceptual"] > 0
     terms["loss"].backward()
     assert m.decoder.conv_out.weight.grad.abs().sum() > 0
-    taps = m.__dict__["_perceptual"]
-    assert all(not p.requires_grad for p in taps.net.parameters())
-    assert not any(k.startswith("_perceptual") or "net." in k for k in m.state_dict())
+    assert all(not p.requires_grad for p in net.parameters())
+    assert all(p.grad is None for p in net.parameters())
+    assert not net.training and not net.train().training  # frozen: never in training mode
+    assert len(net(x)) == 2  # perceptual_layers feature maps
+    assert not any(k.startswith("_perceptual") or "classifier." in k for k in m.state_dict())
     assert len(list(m.parameters())) == len(list(VAE(cfg).parameters()))
     # evaluation does not need the classifier
     m.eval()
     assert "perceptual" not in m.loss(x, m(x))
+    m.set_perceptual(None)
+    assert "perceptual" not in m.loss(x, m(x))
+    m.set_perceptual(net)
     # the distance of an image to itself is zero
     assert m.perceptual_distance(x, x).abs().max() < 1e-6
+
+
+def test_perceptual_network_needs_a_checkpoint_with_feature_maps(tmp_path):
+    vae = make_vae(tmp_path / "vae")
+    with pytest.raises(ConfigError, match="without feature maps"):
+        perceptual_network(vae)
 
 
 # -- the GMM latent prior --------------------------------------------------------------------

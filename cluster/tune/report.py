@@ -11,8 +11,9 @@ Written by ``python -m cluster.tune`` into ``--out`` (default ``runs/tune-<model
                                REPORT.md and plots (``mve evaluate DIR/best``)
     summary.json               best trial, metric, params and paths
 
-This module does not import Ray: :mod:`cluster.tune` turns Ray's results into
-:class:`TrialRecord` s and fetches the best checkpoint before calling :func:`write_outputs`.
+This module does not import Ray: :mod:`cluster.tune.experiment` turns Ray's results into
+:class:`TrialRecord` s, and :mod:`cluster.tune.runner` fetches and loads the best checkpoint
+before calling :func:`write_outputs`.
 """
 
 from __future__ import annotations
@@ -24,13 +25,16 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from mve.atomic import write_json, write_text
 from mve.config import TrainConfig
-from mve.plots import _new_figure, _save_atomic
-from mve.report import write_json
+from mve.plots import new_figure, save_figure
+
+if TYPE_CHECKING:
+    from mve.checkpoint import Checkpoint
 
 __all__ = ["TrialRecord", "result_rows", "select_best", "write_results", "plot_trial_curves",
            "plot_param_importance", "write_outputs"]
@@ -141,7 +145,7 @@ def write_results(rows: Sequence[Mapping[str, Any]], out: Path, *, title: str) -
     for r in rows:
         writer.writerow({k: "" if r.get(k) is None else r.get(k) for k in columns})
     csv_path = out / "results.csv"
-    _write_text(csv_path, buf.getvalue())
+    write_text(csv_path, buf.getvalue())
 
     def cell(v: Any) -> str:
         if v is None or v == "":
@@ -156,14 +160,8 @@ def write_results(rows: Sequence[Mapping[str, Any]], out: Path, *, title: str) -
              "|" + "|".join("---" for _ in md_cols) + "|"]
     lines += ["| " + " | ".join(cell(r.get(c)) for c in md_cols) + " |" for r in rows]
     md_path = out / "results.md"
-    _write_text(md_path, "\n".join(lines) + "\n")
+    write_text(md_path, "\n".join(lines) + "\n")
     return csv_path, md_path
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 # -- plots -------------------------------------------------------------------------------
@@ -173,7 +171,7 @@ def plot_trial_curves(trials: Sequence[TrialRecord], path: Path, *, metric: str,
     """``metric`` against epoch for every trial; x marks where ASHA stopped a trial early."""
     from matplotlib.ticker import MaxNLocator
 
-    fig = _new_figure(figsize=(7.5, 4.5), dpi=120, layout="constrained")
+    fig = new_figure(figsize=(7.5, 4.5), dpi=120, layout="constrained")
     ax = fig.add_subplot()
     best = select_best(trials, metric, mode)
     stopped = errored = False
@@ -213,16 +211,16 @@ def plot_trial_curves(trials: Sequence[TrialRecord], path: Path, *, metric: str,
                 transform=ax.transAxes)
     n_stop = sum(t.early_stopped(max_epochs) for t in trials)
     ax.set_title(title or f"{len(trials)} trials, {n_stop} stopped early by ASHA")
-    return _save_atomic(fig, path)
+    return save_figure(fig, path)
 
 
 def _message_figure(path: Path, title: str, message: str) -> Path:
-    fig = _new_figure(figsize=(6.0, 3.0), dpi=120)
+    fig = new_figure(figsize=(6.0, 3.0), dpi=120)
     ax = fig.add_subplot()
     ax.set_axis_off()
     ax.set_title(title)
     ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True, transform=ax.transAxes)
-    return _save_atomic(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_param_importance(trials: Sequence[TrialRecord], path: Path, *, metric: str, mode: str,
@@ -262,7 +260,7 @@ def plot_param_importance(trials: Sequence[TrialRecord], path: Path, *, metric: 
         return _message_figure(path, title, "no parameter varied across the finished trials")
     names = list(importances)[::-1]
     vals = [importances[n] for n in names]
-    fig = _new_figure(figsize=(6.5, 0.45 * len(names) + 1.4), dpi=120, layout="constrained")
+    fig = new_figure(figsize=(6.5, 0.45 * len(names) + 1.4), dpi=120, layout="constrained")
     ax = fig.add_subplot()
     ax.barh(names, vals, color="tab:blue")
     for y, v in enumerate(vals):
@@ -270,7 +268,7 @@ def plot_param_importance(trials: Sequence[TrialRecord], path: Path, *, metric: 
     ax.set_xlabel("importance (fANOVA, sums to 1)")
     ax.set_xlim(0, max(vals) * 1.2 if max(vals) > 0 else 1)
     ax.set_title(f"{title}\n({len(study.trials)} finished trials, final value)")
-    return _save_atomic(fig, path)
+    return save_figure(fig, path)
 
 
 # -- everything --------------------------------------------------------------------------
@@ -278,19 +276,16 @@ def plot_param_importance(trials: Sequence[TrialRecord], path: Path, *, metric: 
 def write_outputs(out: str | Path, trials: Sequence[TrialRecord], *, model: str, metric: str,
                   mode: str, max_epochs: int, param_keys: Sequence[str],
                   distributions: Mapping[str, Any], best_cfg: TrainConfig | None,
-                  best_ckpt: Path | None, command: str, experiment_path: str,
+                  best_ckpt: Checkpoint | None, command: str, experiment_path: str,
                   val_images: Any = None, extra_summary: Mapping[str, Any] | None = None
                   ) -> dict[str, Any]:
     """Writes every output file into ``out`` and returns the summary (also ``summary.json``).
 
     Args:
         best_cfg: the best trial's resolved config (written as ``best.yaml``).
-        best_ckpt: a local copy of the best trial's best checkpoint (exported to ``best/``).
+        best_ckpt: the best trial's best checkpoint, loaded (exported to ``best/``).
         val_images: validation images for the VAE's reconstruction grids in ``best/``.
     """
-    from mve.checkpoint import read_meta
-    from mve.runs import finalize_run
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     title = f"mve tune {model}: {metric} ({mode})"
@@ -318,33 +313,30 @@ def write_outputs(out: str | Path, trials: Sequence[TrialRecord], *, model: str,
         summary.update({"best_trial_id": trial.trial_id, "best_value": value,
                         "best_epoch": epoch, "best_params": trial.params})
     if best_cfg is not None:
-        best_yaml = out / "best.yaml"
-        _write_text(best_yaml, best_cfg.to_yaml())
-        summary["best_yaml"] = str(best_yaml)
-    if best_ckpt is not None and best_cfg is not None:
-        history = _checkpoint_history(best_ckpt)
-        finalize_run(out / "best", best_ckpt, cfg=best_cfg, history=history, command=command,
-                     val_images=val_images)
-        meta = read_meta(out / "best")
-        summary["best_checkpoint"] = str(out / "best")
-        summary["best_checkpoint_epoch"] = (meta.get("metrics") or {}).get("epoch")
-        summary["best_checkpoint_value"] = (meta.get("metrics") or {}).get(metric)
+        summary.update(_export_best(out, best_cfg, best_ckpt, metric=metric, command=command,
+                                    val_images=val_images))
     write_json(out / "summary.json", summary)
     return summary
 
 
-def _checkpoint_history(ckpt: Path) -> list[dict[str, Any]]:
-    from mve.checkpoint import load_training_state
+def _export_best(out: Path, cfg: TrainConfig, ckpt: Checkpoint | None, *, metric: str,
+                 command: str, val_images: Any) -> dict[str, Any]:
+    """``best.yaml``, and ``best/`` from the loaded checkpoint (no file is read again)."""
+    from mve.runs import checkpoint_history, finalize_run
 
-    try:
-        state = load_training_state(ckpt) or {}
-    except Exception:  # noqa: BLE001 - the history only feeds the report's plots
-        return []
-    return list(state.get("history", []))
+    best_yaml = write_text(out / "best.yaml", cfg.to_yaml())
+    entries: dict[str, Any] = {"best_yaml": str(best_yaml)}
+    if ckpt is not None:
+        finalize_run(out / "best", ckpt, cfg=cfg, history=checkpoint_history(ckpt),
+                     command=command, val_images=val_images)
+        entries.update({"best_checkpoint": str(out / "best"),
+                        "best_checkpoint_epoch": ckpt.metrics.get("epoch"),
+                        "best_checkpoint_value": ckpt.metrics.get(metric)})
+    return entries
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:
-    """A few human lines for the end of ``cluster.tune``."""
+    """A few human lines for the end of ``python -m cluster.tune``."""
     lines = [f"{summary['trials']} trials: {summary['terminated']} finished "
              f"({summary['stopped_early']} stopped early by ASHA), {summary['errored']} errored"]
     if "best_trial_id" in summary:

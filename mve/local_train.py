@@ -1,0 +1,80 @@
+"""``mve train --local``: one training run in this process, without Ray.
+
+The output directory becomes the final checkpoint, with REPORT.md, plots, the config (which
+records the resolved data path), run.json and history.jsonl; epoch checkpoints rotate under
+``checkpoints/``. Ray Train runs (``cluster.train``) end with the same layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mve.config import TrainConfig
+from mve.data import load_data, resolve_data_path
+from mve.metrics import per_class_table
+from mve.options import progress_enabled, resolve_device, train_config_from_args
+from mve.report import run_info, write_json
+from mve.runs import finalize_run, keep_checkpoint, latest_checkpoint
+from mve.train import fit
+
+__all__ = ["train_local", "run_from_args"]
+
+logger = logging.getLogger("mve")
+
+
+def train_local(cfg: TrainConfig, out: str | Path, *, device: torch.device,
+                resume: bool = False, keep_checkpoints: int = 2) -> dict[str, Any]:
+    """Trains ``cfg`` (whose ``data.path`` is resolved here) into ``out``; returns the final
+    checkpoint's details (metrics, per-class table data)."""
+    cfg = cfg.with_data_path(resolve_data_path(cfg.data.path))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpts = out / "checkpoints"
+    resume_from = latest_checkpoint(ckpts) if resume else None
+    if resume and resume_from is None:
+        logger.warning("--resume: no epoch checkpoint under %s, starting fresh", ckpts)
+    info = run_info()
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    write_json(out / "run.json", info)
+    data = load_data(cfg.data.path, val_size=cfg.data.val_size, seed=cfg.data.split_seed,
+                     limit=cfg.data.limit, image_size=cfg.data.image_size,
+                     progress=progress_enabled())
+    logger.info("data: %s train, %s val, %d classes, from %s", len(data.train),
+                len(data.val) if data.val is not None else 0, len(data.class_names),
+                cfg.data.path)
+    history = out / "history.jsonl"
+    if not resume:
+        history.unlink(missing_ok=True)
+
+    def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
+        with open(history, "a") as f:
+            f.write(json.dumps({k: v for k, v in metrics.items() if not k.startswith("_")}) + "\n")
+        if ckpt_dir is not None:
+            keep_checkpoint(ckpt_dir, ckpts / f"epoch_{metrics['epoch']:04d}", keep_checkpoints)
+
+    result = fit(cfg, data, device=device, report=report, resume_from=resume_from,
+                 progress=progress_enabled())
+    final = latest_checkpoint(ckpts)
+    if final is None:
+        raise RuntimeError(f"training finished without writing a checkpoint under {ckpts}")
+    return finalize_run(out, final, cfg=cfg, history=result.history, command=info["command"],
+                        val_images=data.val.images if data.val is not None else None)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """``mve train --local`` (and ``python -m cluster.train --local``)."""
+    cfg = train_config_from_args(args)
+    if args.data:
+        cfg = cfg.with_data_path(args.data)
+    details = train_local(cfg, args.out or f"runs/{cfg.model}-local",
+                          device=resolve_device(args.device), resume=args.resume,
+                          keep_checkpoints=args.keep_checkpoints)
+    if "per_class" in details:
+        print(per_class_table(details))
+    return 0

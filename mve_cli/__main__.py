@@ -1,0 +1,5 @@
+import sys
+
+from mve_cli.main import main
+
+sys.exit(main())
