@@ -39,7 +39,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from cluster.common import fetch_checkpoint, init_ray, scalar_metrics
 from cluster.options import train_parser
 from mve import local_train
-from mve.checkpoint import META, CheckpointError, load_training_state, verify_checkpoint
+from mve.checkpoint import META, CheckpointError, load_checkpoint, verify_checkpoint
 from mve.config import TrainConfig
 from mve.data import load_data, resolve_data_path
 from mve.errors import run_command
@@ -292,13 +292,11 @@ def run_training(cfg: TrainConfig, cluster: ClusterConfig, data_path: str, *, ou
         if result.checkpoint is None:
             raise RuntimeError(f"Ray Train run {name} finished without a checkpoint")
         with tempfile.TemporaryDirectory(prefix="mve-final-") as tmp:
-            final = fetch_checkpoint(result.checkpoint, Path(tmp) / "final")
-            state = load_training_state(final) or {}
-            history = state.get("history", [])
+            # fetched and opened once: the report, history and published model all read it
+            final = load_checkpoint(fetch_checkpoint(result.checkpoint, Path(tmp) / "final"))
             data = load_data(data_path, val_size=cfg.data.val_size, seed=cfg.data.split_seed,
                              limit=cfg.data.limit, image_size=cfg.data.image_size)
-            details = finalize_run(out, final, cfg=cfg, history=history,
-                                   command=run_info()["command"],
+            details = finalize_run(out, final, cfg=cfg, command=run_info()["command"],
                                    val_images=data.val.images if data.val is not None else None)
         summary = {"run_name": name, "storage": str(result.path), "out": str(out),
                    "checkpoint": str(result.checkpoint.path),
