@@ -99,7 +99,7 @@ def _submit(cmd: list[str]) -> subprocess.CompletedProcess:
     """`ray job submit`, retried while the new head's job agent is still starting up."""
     import time
 
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # a loaded 2-core machine starts the agent slowly
     while True:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
         if "No available agent to submit job" not in proc.stderr + proc.stdout or \
