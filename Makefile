@@ -64,7 +64,7 @@ bench-serve: install
 # The main job, on the embedded Ray, with the recommended recipe (`fast`): a short ASHA + Optuna
 # search around it, then the best config trained longer with Ray Train, then evaluated;
 # $(RUN_DIR)/model is a servable checkpoint with its REPORT.md (`mve serve --classifier
-# $(RUN_DIR)/model`). About 10 minutes on 2 cores; grow the budgets with e.g.
+# $(RUN_DIR)/model`). About 8 minutes on 2 cores by the measured throughput; grow the budgets with e.g.
 # `make run SAMPLES=16 TUNE_EPOCHS=5 TUNE_LIMIT=20000 EPOCHS=10 LIMIT=` (LIMIT= is all 45,000).
 SAMPLES ?= 4
 TUNE_EPOCHS ?= 2
