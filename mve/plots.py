@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,15 +76,7 @@ def plot_confusion_matrix(
     names = [str(n) for n in class_names]
     if len(names) != k:
         raise ValueError(f"got {len(names)} class names for a {k}-class confusion matrix")
-    if normalize:
-        rows = mat.sum(dim=1, keepdim=True)
-        values = torch.where(rows > 0, 100 * mat / rows.clamp(min=1), torch.zeros_like(mat))
-        vmax, cbar_label = 100.0, "% of true class"
-    else:
-        values = mat
-        vmax, cbar_label = max(float(values.max()), 1.0), "count"
-    data = values.numpy()
-
+    data, vmax, cbar_label = _cell_values(mat, normalize)
     side = max(4.0, 0.55 * k + 2.5)
     fig = new_figure(figsize=(side + 1.0, side), dpi=150, layout="constrained")
     ax = fig.add_subplot()
@@ -97,15 +90,29 @@ def plot_confusion_matrix(
     if title is None:
         title = "Confusion matrix" + (" (row-normalised %)" if normalize else " (counts)")
     ax.set_title(title)
-    if k <= 30:
-        fontsize = 8 if k <= 12 else 6
-        for i in range(k):
-            for j in range(k):
-                v = data[i, j]
-                text = f"{v:.1f}" if normalize else f"{int(round(v))}"
-                color = "white" if v > 0.55 * vmax else "black"
-                ax.text(j, i, text, ha="center", va="center", color=color, fontsize=fontsize)
+    if k <= 30:  # beyond that the numbers would not be readable
+        _annotate_cells(ax, data, vmax, normalize)
     return save_figure(fig, path)
+
+
+def _cell_values(mat: torch.Tensor, normalize: bool) -> tuple[Any, float, str]:
+    """The matrix to colour, its colour-scale maximum and the colour bar's label."""
+    if normalize:
+        rows = mat.sum(dim=1, keepdim=True)
+        values = torch.where(rows > 0, 100 * mat / rows.clamp(min=1), torch.zeros_like(mat))
+        return values.numpy(), 100.0, "% of true class"
+    return mat.numpy(), max(float(mat.max()), 1.0), "count"
+
+
+def _annotate_cells(ax: Any, data: Any, vmax: float, normalize: bool) -> None:
+    k = data.shape[0]
+    fontsize = 8 if k <= 12 else 6
+    for i in range(k):
+        for j in range(k):
+            v = data[i, j]
+            text = f"{v:.1f}" if normalize else f"{int(round(v))}"
+            color = "white" if v > 0.55 * vmax else "black"
+            ax.text(j, i, text, ha="center", va="center", color=color, fontsize=fontsize)
 
 
 def _is_number(v: Any) -> bool:
@@ -119,6 +126,53 @@ def _split_key(key: str) -> tuple[str, str]:
         if key.startswith(prefix) and len(key) > len(prefix):
             return key[len(prefix) :], prefix[:-1]
     return key, ""
+
+
+_Series = dict[str, dict[str, tuple[list[float], list[float]]]]
+
+
+def _collect_series(history: Sequence[Mapping[str, Any]]) -> _Series:
+    """``{base metric: {split: (epochs, values)}}`` of the finite numbers in ``history``."""
+    if len(history) == 0:
+        raise ValueError("history is empty: nothing to plot")
+    series: _Series = {}
+    for idx, row in enumerate(history):
+        if not isinstance(row, Mapping):
+            raise ValueError(f"history[{idx}] must be a mapping, got {type(row).__name__}")
+        epoch = row.get("epoch", idx + 1)
+        x = float(epoch) if _is_number(epoch) else float(idx + 1)
+        for key, val in row.items():
+            if key == "epoch" or not _is_number(val) or not math.isfinite(float(val)):
+                continue
+            base, split = _split_key(str(key))
+            xs, ys = series.setdefault(base, {}).setdefault(split, ([], []))
+            xs.append(x)
+            ys.append(float(val))
+    if not series:
+        raise ValueError("history contains no numeric metrics besides 'epoch'")
+    return series
+
+
+def _plot_metric(ax: Any, base: str, splits: dict[str, tuple[list[float], list[float]]]) -> None:
+    """One subplot: a line per split of metric ``base`` (train first)."""
+    from matplotlib.ticker import MaxNLocator
+
+    values: list[float] = []
+    for split, (xs, ys) in sorted(splits.items(), key=lambda kv: kv[0] != "train"):
+        color, style = _SPLIT_STYLE.get(split, ("tab:purple", "-"))
+        ax.plot(xs, ys, style, color=color, marker="o", markersize=3 if len(xs) > 1 else 6,
+                label=f"{split}_{base}" if split else base)
+        values.extend(ys)
+    if base == "lr" and values and min(values) > 0 and max(values) / min(values) > 10:
+        ax.set_yscale("log")
+    ax.set_title(base)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    xs_all = [x for xs, _ in splits.values() for x in xs]
+    if max(xs_all) - min(xs_all) < 2:  # e.g. a single epoch: avoid a 0.96..1.04 axis
+        ax.set_xlim(min(xs_all) - 1, max(xs_all) + 1)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def plot_learning_curves(
@@ -145,28 +199,7 @@ def plot_learning_curves(
     Raises:
         ValueError: If ``history`` is empty or holds no numeric metric.
     """
-    if len(history) == 0:
-        raise ValueError("history is empty: nothing to plot")
-    series: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
-    for idx, row in enumerate(history):
-        if not isinstance(row, Mapping):
-            raise ValueError(f"history[{idx}] must be a mapping, got {type(row).__name__}")
-        epoch = row.get("epoch", idx + 1)
-        x = float(epoch) if _is_number(epoch) else float(idx + 1)
-        for key, val in row.items():
-            if key == "epoch" or not _is_number(val):
-                continue
-            y = float(val)
-            if not math.isfinite(y):
-                continue
-            base, split = _split_key(str(key))
-            xs, ys = series.setdefault(base, {}).setdefault(split, ([], []))
-            xs.append(x)
-            ys.append(y)
-    if not series:
-        raise ValueError("history contains no numeric metrics besides 'epoch'")
-    from matplotlib.ticker import MaxNLocator
-
+    series = _collect_series(history)
     bases = sorted(series, key=lambda b: (b != "loss", b == "lr"))  # loss first, lr last
     n = len(bases)
     ncols = min(3, n)
@@ -174,31 +207,7 @@ def plot_learning_curves(
     fig = new_figure(figsize=(4.2 * ncols, 3.2 * nrows), dpi=120, layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, base in zip(axes, bases, strict=False):
-        positives = []
-        for split, (xs, ys) in sorted(series[base].items(), key=lambda kv: kv[0] != "train"):
-            color, style = _SPLIT_STYLE.get(split, ("tab:purple", "-"))
-            label = f"{split}_{base}" if split else base
-            ax.plot(
-                xs,
-                ys,
-                style,
-                color=color,
-                marker="o",
-                markersize=3 if len(xs) > 1 else 6,
-                label=label,
-            )
-            positives.extend(ys)
-        if base == "lr" and positives and min(positives) > 0:
-            if max(positives) / min(positives) > 10:
-                ax.set_yscale("log")
-        ax.set_title(base)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        xs_all = [x for xs, _ in series[base].values() for x in xs]
-        if max(xs_all) - min(xs_all) < 2:  # e.g. a single epoch: avoid a 0.96..1.04 axis
-            ax.set_xlim(min(xs_all) - 1, max(xs_all) + 1)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        _plot_metric(ax, base, series[base])
     for ax in axes[n:]:
         ax.set_visible(False)
     if title:
@@ -226,6 +235,50 @@ def _to_uint8_images(images: torch.Tensor) -> torch.Tensor:
     else:
         raise ValueError(f"unsupported image dtype {images.dtype}")
     return out.expand(n, 3, h, w) if c == 1 else out
+
+
+@dataclass(frozen=True)
+class _GridLayout:
+    """Where each tile of an image grid goes: ``ncol`` columns of ``scale``-times upscaled
+    tiles, ``pad`` pixels apart, with a caption band below each tile when labelled."""
+
+    n: int
+    ncol: int
+    th: int
+    tw: int
+    scale: int
+    band: int
+    pad: int = 2
+
+    @classmethod
+    def of(cls, n: int, ncol: int, h: int, w: int, *, labelled: bool) -> _GridLayout:
+        scale = max(1, min(round(96 / max(h, w)), 2400 // (ncol * max(h, w))))
+        return cls(n, ncol, h * scale, w * scale, scale, 16 if labelled else 0)
+
+    @property
+    def cell(self) -> tuple[int, int]:
+        return self.th + self.band + self.pad, self.tw + self.pad
+
+    def origin(self, i: int) -> tuple[int, int]:
+        r, c = divmod(i, self.ncol)
+        cell_h, cell_w = self.cell
+        return self.pad + r * cell_h, self.pad + c * cell_w
+
+    def tile(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The ``[3, H, W]`` uint8 grid of ``imgs`` on white."""
+        cell_h, cell_w = self.cell
+        rows = math.ceil(self.n / self.ncol)
+        grid = torch.full((3, rows * cell_h + self.pad, self.ncol * cell_w + self.pad), 255,
+                          dtype=torch.uint8)
+        tiles = imgs.repeat_interleave(self.scale, dim=2).repeat_interleave(self.scale, dim=3)
+        for i in range(self.n):
+            y0, x0 = self.origin(i)
+            grid[:, y0 : y0 + self.th, x0 : x0 + self.tw] = tiles[i]
+        return grid
+
+    def caption_at(self, i: int) -> tuple[float, float]:
+        y0, x0 = self.origin(i)
+        return x0 + self.tw / 2, y0 + self.th + self.band / 2
 
 
 def plot_image_grid(
@@ -258,19 +311,8 @@ def plot_image_grid(
     ncol = int(nrow) if nrow is not None else math.ceil(math.sqrt(n))
     if ncol < 1:
         raise ValueError(f"nrow must be >= 1, got {nrow}")
-    ncol = min(ncol, n)
-    rows = math.ceil(n / ncol)
-    scale = max(1, min(round(96 / max(h, w)), 2400 // (ncol * max(h, w))))
-    th, tw = h * scale, w * scale
-    pad = 2
-    band = 16 if labels is not None else 0
-    cell_h, cell_w = th + band + pad, tw + pad
-    grid = torch.full((3, rows * cell_h + pad, ncol * cell_w + pad), 255, dtype=torch.uint8)
-    tiles = imgs.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
-    for i in range(n):
-        r, c = divmod(i, ncol)
-        y0, x0 = pad + r * cell_h, pad + c * cell_w
-        grid[:, y0 : y0 + th, x0 : x0 + tw] = tiles[i]
+    layout = _GridLayout.of(n, min(ncol, n), h, w, labelled=labels is not None)
+    grid = layout.tile(imgs)
     gh, gw = grid.shape[1:]
     dpi = 100
     title_h = 30 if title else 0
@@ -278,12 +320,9 @@ def plot_image_grid(
     ax = fig.add_axes((0.0, 0.0, 1.0, gh / (gh + title_h)))
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
     ax.set_axis_off()
-    if labels is not None:
-        for i, label in enumerate(labels):
-            r, c = divmod(i, ncol)
-            x = pad + c * cell_w + tw / 2
-            y = pad + r * cell_h + th + band / 2
-            ax.text(x, y, str(label), ha="center", va="center", fontsize=8, clip_on=True)
+    for i, label in enumerate(labels or []):
+        x, y = layout.caption_at(i)
+        ax.text(x, y, str(label), ha="center", va="center", fontsize=8, clip_on=True)
     if title:
         fig.text(
             0.5, 1.0 - (title_h / 2) / (gh + title_h), title, ha="center", va="center", fontsize=11

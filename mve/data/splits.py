@@ -111,6 +111,30 @@ def stratified_subset(split: Split, limit: int, num_classes: int, *, seed: int =
     return Split(split.images[idx], split.labels[idx])
 
 
+def _hold_out(raw: RawDataset, pool: torch.Tensor, val_size: int,
+              seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per class, ``pool``'s indices shuffled by ``seed`` and cut into (validation, rest);
+    ``val_size`` spread equally over classes, the remainder to the first classes."""
+    num_classes = len(raw.class_names)
+    gen = torch.Generator().manual_seed(seed)
+    hold = bool(len(pool) and val_size)
+    base, extra = divmod(val_size, num_classes)
+    val_parts, rest_parts = [], []
+    for c in range(num_classes):
+        idx = pool[raw.labels[pool] == c]  # ascending original order
+        want = base + (c < extra) if hold else 0
+        if hold and len(idx) <= want:
+            raise DataError(
+                f"class {raw.class_names[c]!r} has {len(idx)} training images, too few to hold "
+                f"out {want} for validation (val_size={val_size} over {num_classes} classes); "
+                "lower val_size")
+        perm = idx[torch.randperm(len(idx), generator=gen)]
+        if hold:
+            val_parts.append(perm[:want])
+        rest_parts.append(perm[want:])
+    return val_parts, rest_parts
+
+
 def make_splits(raw: RawDataset, *, val_size: int = 5000, seed: int = 0,
                 limit: int | None = None) -> DataBundle:
     """Split a decoded source into train/val/test and compute train statistics.
@@ -127,28 +151,8 @@ def make_splits(raw: RawDataset, *, val_size: int = 5000, seed: int = 0,
     """
     if val_size < 0 or (limit is not None and limit < 0):
         raise DataError(f"val_size and limit must be >= 0, got {val_size} and {limit}")
-    num_classes = len(raw.class_names)
     is_test = raw.is_test.bool()
-    pool = torch.nonzero(~is_test).flatten()
-    gen = torch.Generator().manual_seed(seed)
-    val_parts, rest_parts = [], []
-    if len(pool) and val_size:
-        base, extra = divmod(val_size, num_classes)
-        for c in range(num_classes):
-            idx = pool[raw.labels[pool] == c]  # ascending original order
-            want = base + (c < extra)
-            if len(idx) <= want:
-                raise DataError(
-                    f"class {raw.class_names[c]!r} has {len(idx)} training images, too few to hold "
-                    f"out {want} for validation (val_size={val_size} over {num_classes} classes); "
-                    "lower val_size")
-            perm = idx[torch.randperm(len(idx), generator=gen)]
-            val_parts.append(perm[:want])
-            rest_parts.append(perm[want:])
-    else:
-        for c in range(num_classes):
-            idx = pool[raw.labels[pool] == c]
-            rest_parts.append(idx[torch.randperm(len(idx), generator=gen)])
+    val_parts, rest_parts = _hold_out(raw, torch.nonzero(~is_test).flatten(), val_size, seed)
     if limit is not None and limit < sum(len(r) for r in rest_parts):
         keep = _quotas(limit, [len(r) for r in rest_parts])
         rest_parts = [r[:k] for r, k in zip(rest_parts, keep, strict=True)]
@@ -166,14 +170,13 @@ def make_splits(raw: RawDataset, *, val_size: int = 5000, seed: int = 0,
         raise DataError(f"{raw.source} holds no images")
     mean, std = channel_stats(stats_split.images)
     size = (int(raw.images.shape[2]), int(raw.images.shape[3]))
+    splits = dict(zip(SPLIT_NAMES, (train, val, test), strict=True))
     provenance = {
         "source": raw.source, "kind": raw.kind, "archive": raw.archive, "sha256": raw.sha256,
         "split_seed": seed, "val_size": val_size, "limit": limit, "image_size": list(size),
         "class_names": list(raw.class_names),
-        "counts": {n: (len(s) if s is not None else 0)
-                   for n, s in (("train", train), ("val", val), ("test", test))},
-        "stats_split": next(n for n, s in zip(SPLIT_NAMES, (train, val, test), strict=True)
-                            if s is stats_split),
+        "counts": {n: (len(s) if s is not None else 0) for n, s in splits.items()},
+        "stats_split": next(n for n, s in splits.items() if s is stats_split),
     }
     return DataBundle(train=train, val=val, test=test, class_names=raw.class_names,
                       mean=mean, std=std, image_size=size, provenance=provenance)
