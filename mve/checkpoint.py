@@ -183,22 +183,29 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, model_name: st
             meta["files"][STATE] = {"sha256": _sha256(stage / STATE)}
         _write_json(stage / META, meta)
         _fsync_dir(stage)
-        if not dest.exists():
-            os.rename(stage, dest)
-        else:
-            if not dest.is_dir():
-                raise CheckpointError(f"{dest} exists and is not a directory")
-            for name in (WEIGHTS, STATE, META):  # mve.json last: it commits the others
-                if (stage / name).exists():
-                    os.replace(stage / name, dest / name)
-                elif name == STATE and (dest / STATE).exists():
-                    (dest / STATE).unlink()
-            shutil.rmtree(stage, ignore_errors=True)
-        _fsync_dir(dest.parent)
+        _commit_stage(stage, dest)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return dest
+
+
+def _commit_stage(stage: Path, dest: Path) -> None:
+    """Moves a fully written staging folder into place: a rename when ``dest`` is new, else
+    file by file with ``mve.json`` last (it names the others' hashes, so a reader never pairs
+    new metadata with old weights)."""
+    if not dest.exists():
+        os.rename(stage, dest)
+    else:
+        if not dest.is_dir():
+            raise CheckpointError(f"{dest} exists and is not a directory")
+        for name in (WEIGHTS, STATE, META):
+            if (stage / name).exists():
+                os.replace(stage / name, dest / name)
+            elif name == STATE and (dest / STATE).exists():
+                (dest / STATE).unlink()
+        shutil.rmtree(stage, ignore_errors=True)
+    _fsync_dir(dest.parent)
 
 
 def _check_preprocessing(p: Mapping[str, Any]) -> None:

@@ -294,10 +294,15 @@ def ssim(
             f"images ({h}x{w}) are smaller than the {window_size}x{window_size} window"
         )
     win = _gaussian_window(window_size, sigma, x.dtype, x.device)
-    win = win.expand(c, 1, window_size, window_size).contiguous()
+    return _ssim_map(x, y, win.expand(c, 1, window_size, window_size).contiguous(),
+                     data_range).flatten(1).mean(dim=1)
 
+
+def _ssim_map(x: torch.Tensor, y: torch.Tensor, win: torch.Tensor,
+              data_range: float) -> torch.Tensor:
+    """The SSIM map of ``[B, C, H, W]`` images under the per-channel window ``win``."""
     def filt(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, win, groups=c)
+        return F.conv2d(t, win, groups=x.shape[1])
 
     c1 = (0.01 * data_range) ** 2
     c2 = (0.03 * data_range) ** 2
@@ -313,7 +318,7 @@ def ssim(
     sxy = filt(xc * yc) - fx * fy
     num = (2 * mu_x * mu_y + c1) * (2 * sxy + c2)
     den = (mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2)
-    return (num / den).flatten(1).mean(dim=1)
+    return num / den
 
 
 def bits_per_dim(nll_nats_per_image: torch.Tensor | float, num_dims: int) -> float:
