@@ -110,29 +110,11 @@ def apply_default_models(args: argparse.Namespace) -> argparse.Namespace:
 
 def serve_command(args: argparse.Namespace) -> int:
     """Runs the app on an embedded local Ray (or ``--address``) until SIGINT/SIGTERM."""
-    apply_default_models(args)
-    if not args.classifier and not args.vae:
-        raise UserError("give --classifier DIR and/or --vae DIR (no shipped default "
-                          "checkpoints in models/cifar10-classifier or models/cifar10-vae)")
-    from serve_app.deploy import app_config, deploy, load_config
-
-    key_file = str(Path(args.api_key_file).expanduser().resolve()) if args.api_key_file else None
-    if key_file and args.address is None and not Path(key_file).is_file():
-        raise UserError(f"API key file {key_file} does not exist")
+    config = _app_config(args)
     local = args.address is None
-    threads = args.torch_threads
-    if threads is None and local:  # a replica reserves a fraction of a CPU: Ray would give 1
-        threads = args.num_cpus or os.cpu_count() or 1
-    config = app_config(load_config(args.config),
-                        classifier=_local_path(args.classifier, check=local),
-                        vae=_local_path(args.vae, check=local), host=args.host, port=args.port,
-                        api_key_file=key_file, max_batch_size=args.max_batch_size,
-                        batch_wait_timeout_s=args.batch_wait_timeout_s, tta=args.tta,
-                        torch_threads=threads)
     if local:  # a cluster (--address) brings its own data-plane environment
         os.environ.update(embedded_env())
     import ray
-    from ray import serve
 
     init: dict[str, Any] = {"address": args.address or "local", "namespace": "serve",
                             "logging_level": logging.WARNING}
@@ -148,22 +130,7 @@ def serve_command(args: argparse.Namespace) -> int:
         context = ray.init(**init)
         for s in signals:
             signal.signal(s, _raise_interrupt)
-        try:
-            deploy(config)
-        except RuntimeError as exc:  # the app failed to start, e.g. an unloadable checkpoint
-            raise UserError(str(exc)) from None
-        host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-        url = f"http://{host}:{args.port}/"
-        print(f"mve serve: {url} (API docs {url}docs, Open Inference Protocol {url}v2)",
-              flush=True)
-        if local and args.metrics_port:
-            print(f"mve serve: metrics http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
-        if local and getattr(context, "dashboard_url", None):
-            saved = _save_config(config, args.port)
-            print(f"mve serve: to hot-swap a model, edit user_config.checkpoint in {saved} and "
-                  f"run `RAY_AUTH_MODE=token serve deploy {saved} -a "
-                  f"http://{context.dashboard_url}`", flush=True)
-        print("mve serve: Ctrl-C to stop", flush=True)
+        saved = _deploy_and_announce(config, args, context)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -174,15 +141,71 @@ def serve_command(args: argparse.Namespace) -> int:
         if saved is not None:
             saved.unlink(missing_ok=True)
         try:
-            if ray.is_initialized() and local:
-                serve.shutdown()
-            elif ray.is_initialized():
-                for app in config["applications"]:
-                    serve.delete(app["name"])
+            _stop(config, local)
         finally:
             ray.shutdown()
             for s, handler in previous.items():
                 signal.signal(s, handler)
     return 0
+
+
+def _app_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The Serve config of ``mve serve``'s flags (checked before Ray starts)."""
+    apply_default_models(args)
+    if not args.classifier and not args.vae:
+        raise UserError("give --classifier DIR and/or --vae DIR (no shipped default "
+                        "checkpoints in models/cifar10-classifier or models/cifar10-vae)")
+    from serve_app.deploy import app_config, load_config
+
+    key_file = str(Path(args.api_key_file).expanduser().resolve()) if args.api_key_file else None
+    local = args.address is None
+    if key_file and local and not Path(key_file).is_file():
+        raise UserError(f"API key file {key_file} does not exist")
+    threads = args.torch_threads
+    if threads is None and local:  # a replica reserves a fraction of a CPU: Ray would give 1
+        threads = args.num_cpus or os.cpu_count() or 1
+    return app_config(load_config(args.config),
+                      classifier=_local_path(args.classifier, check=local),
+                      vae=_local_path(args.vae, check=local), host=args.host, port=args.port,
+                      api_key_file=key_file, max_batch_size=args.max_batch_size,
+                      batch_wait_timeout_s=args.batch_wait_timeout_s, tta=args.tta,
+                      torch_threads=threads)
+
+
+def _deploy_and_announce(config: dict[str, Any], args: argparse.Namespace,
+                         context: Any) -> Path | None:
+    """Deploys ``config`` and prints where it answers; returns the hot-swap config it saved."""
+    from serve_app.deploy import deploy
+
+    try:
+        deploy(config)
+    except RuntimeError as exc:  # the app failed to start, e.g. an unloadable checkpoint
+        raise UserError(str(exc)) from None
+    local = args.address is None
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    url = f"http://{host}:{args.port}/"
+    print(f"mve serve: {url} (API docs {url}docs, Open Inference Protocol {url}v2)", flush=True)
+    if local and args.metrics_port:
+        print(f"mve serve: metrics http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
+    saved = None
+    if local and getattr(context, "dashboard_url", None):
+        saved = _save_config(config, args.port)
+        print(f"mve serve: to hot-swap a model, edit user_config.checkpoint in {saved} and "
+              f"run `RAY_AUTH_MODE=token serve deploy {saved} -a "
+              f"http://{context.dashboard_url}`", flush=True)
+    print("mve serve: Ctrl-C to stop", flush=True)
+    return saved
+
+
+def _stop(config: dict[str, Any], local: bool) -> None:
+    """Shuts the embedded Serve down, or deletes this run's apps from a cluster's Serve."""
+    import ray
+    from ray import serve
+
+    if ray.is_initialized() and local:
+        serve.shutdown()
+    elif ray.is_initialized():
+        for app in config["applications"]:
+            serve.delete(app["name"])
 
 

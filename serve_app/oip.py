@@ -159,6 +159,20 @@ def parse_infer_request(body: bytes, header_length: str | None, limits: Limits,
                         model: str) -> InferRequest:
     """Parses and validates an ``/infer`` body for ``model`` ("classifier" | "vae")."""
     req, binary = _load_header(body, header_length)
+    spec, name, shape = _input_spec(req, limits, model)
+    size = _binary_size(spec, name, binary)
+    out = InferRequest(id=req.get("id") if isinstance(req.get("id"), str) else None)
+    if name == INPUT_TENSOR:
+        out.tensor = _tensor_input(spec, name, shape, size, binary)
+    else:
+        out.images = _image_input(spec, name, shape, size, binary)
+    _parse_outputs(req, out, model)
+    return out
+
+
+def _input_spec(req: dict[str, Any], limits: Limits,
+                model: str) -> tuple[dict[str, Any], str, list[int]]:
+    """The one input of ``req``, its name and its shape, checked against the limits."""
     inputs = req.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise _bad(f"expected exactly one input, named {INPUT_TENSOR!r} (FP32) or "
@@ -171,12 +185,17 @@ def parse_infer_request(body: bytes, header_length: str | None, limits: Limits,
     if dtype != _INPUT_TYPES[name]:
         raise _bad(f"input {name!r} must have datatype {_INPUT_TYPES[name]}, got {dtype!r}")
     shape = _shape(spec.get("shape"), name)
-    count = math.prod(shape)
     if shape[0] < 1:
         raise _bad(f"input {name!r}: the batch dimension must be at least 1, got {shape}")
     if shape[0] > limits.max_images:
         raise ApiError(400, "too_many_images", f"input {name!r}: batch size {shape[0]} exceeds "
                        f"the limit of {limits.max_images}")
+    return spec, name, shape
+
+
+def _binary_size(spec: dict[str, Any], name: str, binary: bytes) -> int | None:
+    """The input's ``binary_data_size`` (None when its data is inline JSON), checked against
+    the bytes after the header."""
     params = spec.get("parameters") or {}
     if not isinstance(params, dict):
         raise _bad(f"input {name!r}: parameters must be an object")
@@ -192,34 +211,38 @@ def parse_infer_request(body: bytes, header_length: str | None, limits: Limits,
         raise _bad(f"input {name!r} has neither 'data' nor binary_data_size")
     elif binary:
         raise _bad("binary data follows the header but no input claims it")
-    out = InferRequest(id=req.get("id") if isinstance(req.get("id"), str) else None)
-    if name == INPUT_TENSOR:
-        if len(shape) != 4 or shape[1] != 3:
-            raise _bad(f"input {name!r} must have shape [N, 3, H, W], got {shape}")
-        if size is not None:
-            if size != 4 * count:
-                raise _bad(f"input {name!r}: {size} bytes is not FP32 {shape}")
-            flat = np.frombuffer(binary, dtype="<f4").astype(np.float32)
-        else:
-            flat = _json_numbers(spec["data"], name)
-        if flat.size != count:
-            raise _bad(f"input {name!r}: shape {shape} needs {count} values, got {flat.size}")
-        if not np.isfinite(flat).all():
-            raise _bad(f"input {name!r} holds NaN or infinite values")
-        out.tensor = flat.reshape(shape)
+    return size
+
+
+def _tensor_input(spec: dict[str, Any], name: str, shape: list[int], size: int | None,
+                  binary: bytes) -> np.ndarray:
+    count = math.prod(shape)
+    if len(shape) != 4 or shape[1] != 3:
+        raise _bad(f"input {name!r} must have shape [N, 3, H, W], got {shape}")
+    if size is not None:
+        if size != 4 * count:
+            raise _bad(f"input {name!r}: {size} bytes is not FP32 {shape}")
+        flat = np.frombuffer(binary, dtype="<f4").astype(np.float32)
     else:
-        if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
-            raise _bad(f"input {name!r} must have shape [N] or [N, 1], got {shape}")
-        if size is not None:
-            out.images = _split_bytes(binary, count, name)
-        else:
-            strings = _flat_strings(spec["data"], name)
-            if len(strings) != count:
-                raise _bad(f"input {name!r}: shape {shape} needs {count} elements, "
-                           f"got {len(strings)}")
-            out.images = [decode_base64(s, index=i) for i, s in enumerate(strings)]
-    _parse_outputs(req, out, model)
-    return out
+        flat = _json_numbers(spec["data"], name)
+    if flat.size != count:
+        raise _bad(f"input {name!r}: shape {shape} needs {count} values, got {flat.size}")
+    if not np.isfinite(flat).all():
+        raise _bad(f"input {name!r} holds NaN or infinite values")
+    return flat.reshape(shape)
+
+
+def _image_input(spec: dict[str, Any], name: str, shape: list[int], size: int | None,
+                 binary: bytes) -> list[bytes]:
+    count = math.prod(shape)
+    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
+        raise _bad(f"input {name!r} must have shape [N] or [N, 1], got {shape}")
+    if size is not None:
+        return _split_bytes(binary, count, name)
+    strings = _flat_strings(spec["data"], name)
+    if len(strings) != count:
+        raise _bad(f"input {name!r}: shape {shape} needs {count} elements, got {len(strings)}")
+    return [decode_base64(s, index=i) for i, s in enumerate(strings)]
 
 
 def _parse_outputs(req: dict[str, Any], out: InferRequest, model: str) -> None:
