@@ -1,70 +1,23 @@
-"""Search-space YAML files -> Ray Tune ``param_space`` (validated against ``TrainConfig``).
-
-    python -m cluster.search classifier                  # print the default space, resolved
-    python -m cluster.search vae --space my_space.yaml   # check a space file without Ray
-
-A space file maps dotted :class:`~mve.config.TrainConfig` keys (see ``mve config show MODEL``)
-to a constant or to a one-key mapping that names a distribution. The names and the bounds
-follow ``ray.tune``'s functions of the same name exactly::
-
-    optim.lr:               {loguniform: [1.0e-4, 1.0e-2]}  # float, log-uniform in [lo, hi)
-    model.dropout:          {uniform: [0.0, 0.3]}           # float in [lo, hi)
-    label_smoothing:        {quniform: [0.0, 0.2, 0.05]}    # float in [lo, hi], multiple of q
-    model.cnn_layers:       {randint: [4, 8]}               # int in [lo, hi)  (hi EXCLUDED: 4..7)
-    model.final_channels:   {qrandint: [128, 320, 2]}       # int in [lo, hi], multiple of q
-                                                            #   (hi INCLUDED)
-    model.starting_channels: {lograndint: [16, 65]}         # int, log-uniform in [lo, hi)
-    optim.name:             {choice: [adam, adamw]}         # one of the listed scalars
-    optim.schedule:         onecycle                        # a constant: same in every trial
-    fixed:                                                  # more constants (dotted or nested)
-      model.activation: mish
-      data: {augment: {cutout: 0}}
-
-Only distributions that Ray's ``OptunaSearch`` can convert are accepted (no ``grid_search``,
-``randn``, ``qloguniform`` or ``sample_from``), and ``choice`` options must be scalars. Every key
-and the extreme values of every distribution are checked against ``TrainConfig`` when the file
-is loaded, so a typo fails before Ray starts. This module does not import Ray until
-:meth:`SearchSpace.param_space` is called.
-"""
+"""The search-space file format: YAML -> :class:`SearchSpace` (see :mod:`cluster.search`)."""
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
-import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mve.config import (
-    RECIPES,
-    ConfigError,
-    TrainConfig,
-    deep_merge,
-    load_train_config,
-    parse_overrides,
-    read_yaml,
-)
-from mve.errors import run_command
-from mve.models import list_models
+from mve.config import ConfigError, read_yaml
 
-__all__ = [
-    "DISTRIBUTIONS", "FORBIDDEN_KEYS", "Param", "SearchSpace", "SearchSpaceError",
-    "default_space_path", "load_space", "parse_space", "flatten", "unflatten", "valid_keys",
-    "validate_space", "trial_config", "search_recipe",
-]
+__all__ = ["DISTRIBUTIONS", "Param", "SearchSpace", "SearchSpaceError", "default_space_path",
+           "load_space", "parse_space", "flatten", "unflatten"]
 
-SPACES_DIR = Path(__file__).resolve().parent / "spaces"
+SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
 RESERVED = "fixed"
-# A search without --preset starts from this recipe where the family has one: the default
-# spaces search the research note's network and the generic recipe's knobs, which a family's
-# best recipe may not use (the classifier's `fast` is another network; its own space is
-# spaces/classifier-fast.yaml, searched with --preset fast).
-SEARCH_RECIPE = "baseline"
 
 # name -> (number of arguments, one-line meaning for error messages and --help)
 DISTRIBUTIONS: dict[str, tuple[int | None, str]] = {
@@ -84,17 +37,6 @@ _UNSUPPORTED = {
     "qlograndint": "Optuna cannot quantise log-uniform ints; use lograndint or qrandint",
     "sample_from": "arbitrary functions cannot be written in YAML or searched by Optuna",
 }
-# Keys a search must not touch, and why.
-FORBIDDEN_KEYS: dict[str, str] = {
-    "epochs": "the epoch budget is --max-epochs (ASHA's max_t)",
-    "model.name": "the model family is the command's first argument",
-    "model.preset": "an architecture preset is applied before the other fields; search the "
-                    "fields themselves",
-    "preset": "a recipe preset is applied before the space; pass --preset instead",
-    "data.path": "the data is --data",
-}
-
-
 class SearchSpaceError(ConfigError):
     """A search-space file that is malformed or does not fit ``TrainConfig``."""
 
@@ -206,11 +148,6 @@ def unflatten(data: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def valid_keys(cfg: TrainConfig) -> list[str]:
-    """Every dotted leaf key of ``cfg`` that a space may set (forbidden keys excluded)."""
-    return sorted(k for k in flatten(cfg.to_dict()) if k not in FORBIDDEN_KEYS)
-
-
 # -- parsing -----------------------------------------------------------------------------
 
 def default_space_path(model: str) -> Path:
@@ -315,119 +252,3 @@ def parse_space(data: Mapping[str, Any], *, source: str = "<memory>") -> SearchS
     if both:
         raise SearchSpaceError(f"{source}: {both} are both searched and fixed")
     return SearchSpace(params, fixed, source)
-
-
-# -- validation --------------------------------------------------------------------------
-
-def base_config(model: str, space: SearchSpace, *, preset: str | None = None,
-                files: Sequence[str | Path] = (), overrides: Sequence[str] = (),
-                extra: Mapping[str, Any] | None = None) -> TrainConfig:
-    """The config every trial starts from: the recipe (``preset``, else :func:`search_recipe`)
-    < files < the space's ``fixed`` < ``overrides`` (``--set``) < ``extra`` (the command
-    line's --max-epochs, --limit, ...).
-
-    Raises:
-        SearchSpaceError: a ``fixed`` key is unknown or forbidden, or its value is rejected.
-    """
-    preset = search_recipe(model, preset)
-    tail = deep_merge(parse_overrides(overrides), extra or {})
-    plain = load_train_config(model, preset=preset, files=files, extra=tail)
-    valid = valid_keys(plain)
-    for key in space.fixed:
-        _check_key(key, valid, space.source, "fixed key")
-    try:
-        return load_train_config(model, preset=preset, files=files,
-                                 extra=deep_merge(unflatten(space.fixed), tail))
-    except ConfigError as exc:
-        raise SearchSpaceError(f"{space.source}: the fixed overrides do not fit the config:\n"
-                               f"{exc}") from None
-
-
-def search_recipe(model: str, preset: str | None = None) -> str | None:
-    """The recipe a search of ``model`` starts from: ``preset`` if given, else
-    :data:`SEARCH_RECIPE` where ``model`` has it, else None (the family's default recipe)."""
-    if preset is not None:
-        return preset
-    return SEARCH_RECIPE if SEARCH_RECIPE in RECIPES.get(model, {}) else None
-
-
-def _check_key(key: str, valid: Sequence[str], where: str, what: str) -> None:
-    if key in FORBIDDEN_KEYS:
-        raise SearchSpaceError(f"{where}: {what} {key!r} cannot be set here: "
-                               f"{FORBIDDEN_KEYS[key]}")
-    if key not in valid:
-        import difflib
-
-        close = difflib.get_close_matches(key, valid, n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise SearchSpaceError(f"{where}: {what} {key!r} is not a TrainConfig key{hint}; valid "
-                               f"keys:\n  " + "\n  ".join(valid))
-
-
-def validate_space(space: SearchSpace, base: TrainConfig) -> None:
-    """Checks every key and the extreme values of every distribution against ``base``.
-
-    Raises:
-        SearchSpaceError: an unknown or forbidden key, or a value ``TrainConfig`` rejects.
-    """
-    where = space.source
-    base_dict = base.to_dict()
-    flat_base = flatten(base_dict)
-    valid = valid_keys(base)
-    for key in space.fixed:
-        _check_key(key, valid, where, "fixed key")
-    for key, param in space.params.items():
-        _check_key(key, valid, where, "searched key")
-        current = flat_base.get(key)
-        integral = isinstance(current, int) and not isinstance(current, bool)
-        if integral and param.dist in ("uniform", "loguniform") or (
-                integral and param.dist == "quniform" and not float(param.args[2]).is_integer()):
-            raise SearchSpaceError(f"{where}: {key} is an integer (now {current}); "
-                                   f"{param.describe()} samples floats: use randint, qrandint, "
-                                   f"lograndint or choice")
-        for value in param.probe_values():
-            try:
-                TrainConfig.from_dict(deep_merge(base_dict, unflatten({key: value})))
-            except (ConfigError, ValueError, TypeError) as exc:
-                raise SearchSpaceError(f"{where}: {key}: {param.describe()} can sample "
-                                       f"{value!r}, which the config rejects:\n{exc}") from None
-
-
-def trial_config(base: Mapping[str, Any], params: Mapping[str, Any]) -> TrainConfig:
-    """The typed config of one trial: ``base`` (a ``TrainConfig.to_dict()``) + sampled params."""
-    return TrainConfig.from_dict(deep_merge(dict(base), unflatten(params)))
-
-
-# -- CLI ---------------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m cluster.search`` argument parser."""
-    p = argparse.ArgumentParser(prog="python -m cluster.search", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", choices=list_models())
-    p.add_argument("--space", help="search-space YAML (default: the packaged one)")
-    p.add_argument("--preset")
-    p.add_argument("--config", action="append", default=[])
-    p.add_argument("--set", action="append", default=[], dest="overrides")
-    return p
-
-
-def check_space(args: argparse.Namespace) -> int:
-    """Loads, pins and validates the space as a search would, and prints it resolved."""
-    space = load_space(args.space, args.model)
-    space = space.pin(o.partition("=")[0].strip() for o in args.overrides)
-    base = base_config(args.model, space, preset=args.preset, files=args.config,
-                       overrides=args.overrides)
-    validate_space(space, base)
-    print(f"# {space.source}: {len(space.params)} searched, {len(space.fixed)} fixed")
-    print(space.to_yaml(), end="")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m cluster.search MODEL [--space FILE]``: validate and print a space."""
-    return run_command(check_space, build_parser().parse_args(argv), prog="cluster.search")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
