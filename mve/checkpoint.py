@@ -42,7 +42,8 @@ from mve.models import build_model, config_to_dict, get_spec, make_config
 
 __all__ = [
     "FORMAT_VERSION", "CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint",
-    "read_meta", "verify_checkpoint", "load_training_state", "unwrap_model",
+    "read_meta", "verify_checkpoint", "load_training_state", "load_resume_state",
+    "unwrap_model",
 ]
 
 FORMAT_VERSION = 1
@@ -362,8 +363,19 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
 def load_training_state(path: str | os.PathLike) -> dict[str, Any] | None:
     """The nested training state saved with the checkpoint, or None if it has none."""
     d = _resolve_dir(path)
+    return _training_state(d, read_meta(d))
+
+
+def load_resume_state(path: str | os.PathLike
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """What resuming needs, from one read of the manifest: the verified weights (to load into
+    the run's own model, which checks that they fit) and the training state (None if none)."""
+    d = _resolve_dir(path)
     meta = read_meta(d)
+    return _verified_tensors(d, WEIGHTS, meta), _training_state(d, meta)
+
+
+def _training_state(d: Path, meta: Mapping[str, Any]) -> dict[str, Any] | None:
     if "training_state" not in meta:
         return None
-    tensors = _verified_tensors(d, STATE, meta)
-    return unflatten_state(meta["training_state"], tensors)
+    return unflatten_state(meta["training_state"], _verified_tensors(d, STATE, meta))

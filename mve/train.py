@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mve.averaging import WeightAverager
-from mve.checkpoint import load_checkpoint, load_training_state, save_checkpoint
+from mve.checkpoint import CheckpointError, load_resume_state, save_checkpoint
 from mve.config import TrainConfig
 from mve.data import DataBundle, Split, TensorLoader
 from mve.data.transforms import normalize
@@ -150,7 +150,7 @@ def _setup(cfg: TrainConfig, data: DataBundle, device: torch.device, *, rank: in
     net = _build_model(cfg, device)
     start_epoch, history, state = 0, [], None
     if resume_from is not None:
-        start_epoch, history, state = _resume_weights(net, resume_from, device)
+        start_epoch, history, state = _resume_weights(net, resume_from)
     elif hasattr(net, "init_from_data"):
         net.init_from_data(_init_batch(data.train, prep, device))
     model = wrap_model(net) if wrap_model is not None else net
@@ -195,13 +195,16 @@ def _build_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
     return model
 
 
-def _resume_weights(model: nn.Module, path: str | Path, device: torch.device
+def _resume_weights(model: nn.Module, path: str | Path
                     ) -> tuple[int, list[dict[str, Any]], dict[str, Any] | None]:
     """Loads the weights saved at ``path`` into ``model``; returns the epochs done, the history
     and the training state (None for a weights-only checkpoint)."""
-    ckpt = load_checkpoint(path, device=device)
-    model.load_state_dict(ckpt.model.state_dict())
-    state = load_training_state(path)
+    weights, state = load_resume_state(path)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: its weights do not fit this run's model (resume with "
+                              f"the config it was trained with): {exc}") from None
     start_epoch, history = 0, []
     if state is not None:
         start_epoch, history = int(state["epoch"]), list(state.get("history", []))

@@ -14,6 +14,7 @@ from mve.checkpoint import (
     CheckpointError,
     flatten_state,
     load_checkpoint,
+    load_resume_state,
     load_training_state,
     read_meta,
     save_checkpoint,
@@ -169,6 +170,23 @@ def test_training_state_round_trip(tmp_path):
     for k, v in opt.state_dict()["state"].items():
         assert torch.equal(v["momentum_buffer"], opt2.state_dict()["state"][k]["momentum_buffer"])
 
+
+
+def test_resume_state_reads_the_manifest_once(tmp_path, monkeypatch):
+    import mve.checkpoint as ck
+
+    cfg = make_config("classifier", {"final_channels": 64, "cnn_layers": 4, "fcn_layers": 2})
+    model = build_model("classifier", cfg)
+    _save(tmp_path / "ck", model=model, training_state={"epoch": 2, "history": []})
+    reads = []
+    real = ck.read_meta
+    monkeypatch.setattr(ck, "read_meta", lambda p: reads.append(p) or real(p))
+    weights, state = load_resume_state(tmp_path / "ck")
+    assert len(reads) == 1 and state["epoch"] == 2
+    assert weights.keys() == model.state_dict().keys()
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    _save(tmp_path / "plain", model=model)
+    assert load_resume_state(tmp_path / "plain")[1] is None
 
 def test_flatten_state_preserves_types():
     obj = {"a": (1, 2.5, "s", None, True), 3: [torch.ones(2)], "nested": {"t": torch.zeros(1)}}
