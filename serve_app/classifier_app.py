@@ -17,7 +17,6 @@ from serve_app import parsing as P
 from serve_app.api import ERRORS, current_server, image_body, new_app
 from serve_app.loading import LoadedModel
 from serve_app.model_server import ModelServer, model_ingress
-from serve_app.oip import InferRequest
 from serve_app.schemas import ClassifyJSON, ClassifyParams, ClassifyResponse
 
 __all__ = ["app", "ClassifierServer"]
@@ -54,12 +53,8 @@ class ClassifierServer(ModelServer):
         self._metrics.predicted([model.class_names[i] for i in probs.argmax(dim=1).tolist()])
         return probs.numpy()
 
-    async def oip_result(self, req: InferRequest) -> dict[str, Any]:
-        """The classifier's answer to a parsed OIP request (``serve_app.oip.outputs_for``)."""
-        model = self.current()
-        if req.images is not None:
-            probs = await self.probabilities(model, await self.decode(req.images))
-        else:
-            probs = await self._classify(model, self.check_tensor(model, req.tensor))
-        return {"checkpoint_id": model.id, "class_names": model.class_names,
-                "probabilities": probs}
+    answer_images = probabilities
+    answer_tensor = _classify
+
+    def oip_outputs(self, model: LoadedModel, answer: np.ndarray) -> dict[str, Any]:
+        return {"class_names": model.class_names, "probabilities": answer}

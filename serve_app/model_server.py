@@ -33,6 +33,7 @@ from serve_app.errors import ApiError
 from serve_app.images import decode_images, input_size, preprocess
 from serve_app.loading import LoadedModel, load_model
 from serve_app.metrics import ModelMetrics
+from serve_app.oip import InferRequest
 from serve_app.oip_routes import add_oip_routes
 from serve_app.schemas import ModelArgs, ModelInfo, ModelUserConfig, SwapStatus
 
@@ -196,6 +197,31 @@ class ModelServer:
         out = await self._batcher.call(run)
         self._metrics.batch(len(out), (time.perf_counter() - t0) * 1000, method)
         return out
+
+    # -- the Open Inference Protocol ------------------------------------------------------------
+
+    async def oip_result(self, req: InferRequest) -> dict[str, Any]:
+        """This model's answer to a parsed OIP request (``serve_app.oip.outputs_for``)."""
+        model = self.current()
+        if req.images is not None:
+            y = await self.answer_images(model, await self.decode(req.images))
+        else:
+            y = await self.answer_tensor(model, self.check_tensor(model, req.tensor))
+        return {"checkpoint_id": model.id, **self.oip_outputs(model, y)}
+
+    async def answer_images(self, model: LoadedModel, images: list[np.ndarray]) -> Any:
+        """The model's answer to decoded images (an OIP ``image`` input)."""
+        raise NotImplementedError
+
+    async def answer_tensor(self, model: LoadedModel, x: torch.Tensor) -> Any:
+        """The model's answer to a checked model-space tensor (an OIP ``input`` tensor)."""
+        raise NotImplementedError
+
+    def oip_outputs(self, model: LoadedModel, answer: Any) -> dict[str, Any]:
+        """The named OIP outputs of an answer."""
+        raise NotImplementedError
+
+    # -- inputs ------------------------------------------------------------------------------
 
     async def decode(self, blobs: list[bytes]) -> list[np.ndarray]:
         """Decoded images within the limits (large bodies off the event loop)."""

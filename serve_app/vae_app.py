@@ -21,7 +21,6 @@ from serve_app.errors import ApiError
 from serve_app.images import preprocess, to_uint8_hwc
 from serve_app.loading import LoadedModel
 from serve_app.model_server import ModelServer, model_ingress
-from serve_app.oip import InferRequest
 from serve_app.schemas import (
     ImagesJSON,
     InterpolateParams,
@@ -130,11 +129,11 @@ class VAEServer(ModelServer):
         return P.render_images(to_uint8_hwc(y, model.preprocessing), model.id,
                                as_json=as_json, nrow=nrow)
 
-    async def oip_result(self, req: InferRequest) -> dict[str, Any]:
-        """The VAE's answer to a parsed OIP request (``serve_app.oip.outputs_for``)."""
-        model = self.current()
-        if req.images is not None:
-            y = await self.reconstruct(model, await self.decode(req.images))
-        else:
-            y = await self.predict(model, self.check_tensor(model, req.tensor))
-        return {"checkpoint_id": model.id, "reconstruction": y.numpy()}
+    async def answer_images(self, model: LoadedModel, images: list[np.ndarray]) -> torch.Tensor:
+        return await self.reconstruct(model, images)
+
+    async def answer_tensor(self, model: LoadedModel, x: torch.Tensor) -> torch.Tensor:
+        return await self.predict(model, x)
+
+    def oip_outputs(self, model: LoadedModel, answer: torch.Tensor) -> dict[str, Any]:
+        return {"reconstruction": answer.numpy()}
