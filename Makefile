@@ -64,7 +64,8 @@ bench-serve: install
 # The main job, on the embedded Ray, with the recommended recipe (`fast`): a short ASHA + Optuna
 # search around it, then the best config trained longer with Ray Train, then evaluated;
 # $(RUN_DIR)/model is a servable checkpoint with its REPORT.md (`mve serve --classifier
-# $(RUN_DIR)/model`). About 8 minutes on 2 cores by the measured throughput; grow the budgets with e.g.
+# $(RUN_DIR)/model`). About 20-25 minutes on 2 cores (README: one run reached 78% after 4 of its 5
+# epochs; the `fast` network trains at ~119 images/s there); grow the budgets with e.g.
 # `make run SAMPLES=16 TUNE_EPOCHS=5 TUNE_LIMIT=20000 EPOCHS=10 LIMIT=` (LIMIT= is all 45,000).
 SAMPLES ?= 4
 TUNE_EPOCHS ?= 2
