@@ -129,11 +129,8 @@ class VAEServer(ModelServer):
         return P.render_images(to_uint8_hwc(y, model.preprocessing), model.id,
                                as_json=as_json, nrow=nrow)
 
-    async def answer_images(self, model: LoadedModel, images: list[np.ndarray]) -> torch.Tensor:
-        return await self.reconstruct(model, images)
-
-    async def answer_tensor(self, model: LoadedModel, x: torch.Tensor) -> torch.Tensor:
-        return await self.predict(model, x)
+    answer_images = reconstruct
+    answer_tensor = ModelServer.predict  # a model-space tensor goes straight to the batcher
 
     def oip_outputs(self, model: LoadedModel, answer: torch.Tensor) -> dict[str, Any]:
         return {"reconstruction": answer.numpy()}
