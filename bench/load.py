@@ -48,12 +48,14 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 class RetryPolicy:
     """When and how a client retries an idempotent request (see the module docstring)."""
 
-    deadline_s: float = 90.0
+    # What is retried: only what an idempotent request may safely send again.
+    retry_statuses: tuple[int, ...] = (503,)
+    retry_connection_errors: bool = True
+    # When: exponential back-off, and no attempt after the deadline (from the first attempt).
     initial_backoff_s: float = 0.1
     multiplier: float = 2.0
     max_backoff_s: float = 2.0
-    retry_statuses: tuple[int, ...] = (503,)
-    retry_connection_errors: bool = True
+    deadline_s: float = 90.0
 
     def backoff(self, retry: int) -> float:
         """Seconds to wait before retry number ``retry`` (1-based)."""

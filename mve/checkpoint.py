@@ -161,22 +161,9 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, model_name: st
     stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         _save_tensors(state, stage / WEIGHTS)
-        meta: dict[str, Any] = {
-            "format": "mve-checkpoint",
-            "format_version": FORMAT_VERSION,
-            "model_name": model_name,
-            "model_config": config_to_dict(model_config),
-            "class_names": list(class_names) if class_names is not None else None,
-            "preprocessing": {k: (list(v) if isinstance(v, tuple) else v)
-                              for k, v in preprocessing.items()},
-            "metrics": dict(metrics or {}),
-            "provenance": dict(provenance or {}),
-            "train_config": dict(train_config) if train_config is not None else None,
-            "mve_version": __version__,
-            "torch_version": torch.__version__,
-            "files": {WEIGHTS: {"sha256": _sha256(stage / WEIGHTS)}},
-            **dict(extra or {}),
-        }
+        meta = _manifest(model_name, model_config, preprocessing, class_names, metrics,
+                         provenance, train_config, extra)
+        meta["files"] = {WEIGHTS: {"sha256": _sha256(stage / WEIGHTS)}}
         if training_state is not None:
             tensors: dict[str, torch.Tensor] = {}
             meta["training_state"] = flatten_state(dict(training_state), tensors)
@@ -189,6 +176,28 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, model_name: st
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return dest
+
+
+def _manifest(model_name: str, model_config: Any, preprocessing: Mapping[str, Any],
+              class_names: list[str] | tuple[str, ...] | None, metrics: Mapping[str, Any] | None,
+              provenance: Mapping[str, Any] | None, train_config: Mapping[str, Any] | None,
+              extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The JSON manifest of a checkpoint, without its file hashes."""
+    return {
+        "format": "mve-checkpoint",
+        "format_version": FORMAT_VERSION,
+        "model_name": model_name,
+        "model_config": config_to_dict(model_config),
+        "class_names": list(class_names) if class_names is not None else None,
+        "preprocessing": {k: (list(v) if isinstance(v, tuple) else v)
+                          for k, v in preprocessing.items()},
+        "metrics": dict(metrics or {}),
+        "provenance": dict(provenance or {}),
+        "train_config": dict(train_config) if train_config is not None else None,
+        "mve_version": __version__,
+        "torch_version": torch.__version__,
+        **dict(extra or {}),
+    }
 
 
 def _commit_stage(stage: Path, dest: Path) -> None:

@@ -33,6 +33,7 @@ from urllib.parse import urlparse
 
 from ray.serve import Application
 
+from serve_app.families import served
 from serve_app.schemas import FrontArgs, ModelArgs
 
 __all__ = ["build_front", "build_model"]
@@ -47,16 +48,13 @@ def _absolute(source: str | None) -> str | None:
 
 
 def build_model(args: ModelArgs | dict[str, Any]) -> Application:
-    """A model application: the classifier or the VAE as its own HTTP ingress.
+    """A model application: one served family (``model=``) as its own HTTP ingress.
 
     Its checkpoint comes from the deployment's ``user_config`` (``serve_app/config.yaml``);
     ``checkpoint=`` gives the initial one when there is no config file.
     """
     args = args if isinstance(args, ModelArgs) else ModelArgs.model_validate(args)
-    if args.model == "classifier":
-        from serve_app.classifier_app import ClassifierServer as server
-    else:
-        from serve_app.vae_app import VAEServer as server
+    server = served(args.model).server_class()
     deployment = server
     if args.checkpoint is not None:
         deployment = server.options(user_config={"checkpoint": _absolute(args.checkpoint)})

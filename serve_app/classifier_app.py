@@ -37,7 +37,7 @@ async def classify(request: Request) -> Response:
                     media_type="application/json")
 
 
-@model_ingress(app, "classifier", "Classifier", max_ongoing=64, target_ongoing=16)
+@model_ingress(app, "classifier", max_ongoing=64, target_ongoing=16)
 class ClassifierServer(ModelServer):
     """The image classifier behind its own routes; batched, hot-swappable."""
 

@@ -15,17 +15,17 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["DEFAULT_CONFIG", "APP_NAME", "DEPLOYMENT_NAMES", "USER_CONFIG_KEYS", "load_config",
+__all__ = ["DEFAULT_CONFIG", "APP_NAME", "USER_CONFIG_KEYS", "load_config",
            "app_config", "model_apps", "set_user_config", "fixed_replicas", "deploy", "wait_for_app"]
 
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
 APP_NAME = "mve"  # the front application; the model apps are named after their model
-DEPLOYMENT_NAMES = {"classifier": "Classifier", "vae": "VAE"}
 # What `app_config(...)` keyword arguments set in each model deployment's user_config.
 USER_CONFIG_KEYS = ("max_batch_size", "batch_wait_timeout_s", "tta", "torch_threads")
 
@@ -58,21 +58,26 @@ def _app(config: dict[str, Any], name: str) -> dict[str, Any]:
     raise KeyError(f"no application {name!r} in the config")
 
 
-def app_config(config: dict[str, Any], *, classifier: str | None, vae: str | None,
+def app_config(config: dict[str, Any], checkpoints: Mapping[str, str | None], *,
                host: str | None = None, port: int | None = None, name: str = APP_NAME,
                mount: str = "", **args: Any) -> dict[str, Any]:
-    """A copy of ``config`` serving the given checkpoints.
+    """A copy of ``config`` serving ``checkpoints`` (``{family: checkpoint or None}``).
 
-    Drops the applications of an absent model, points each present model's deployments at its
-    checkpoint, applies ``args``: :data:`USER_CONFIG_KEYS` go to every model deployment's
+    Drops the applications of a model without a checkpoint, points each present model's
+    deployments at its checkpoint, applies ``args``: :data:`USER_CONFIG_KEYS` go to every model deployment's
     ``user_config``, the rest (limits, ``api_key_file``, ...) to every application's ``args``
     (None values are ignored). With ``mount`` (e.g. ``/secure``) every route prefix moves under
     it and the applications are renamed ``<name>-<app>`` (the front becomes ``name``), so the
     result can be deployed next to the unmounted one.
     """
     out = copy.deepcopy(config)
-    paths = {"classifier": classifier, "vae": vae}
-    present = {m: apps for m, apps in model_apps(out).items() if paths.get(m) is not None}
+    paths = dict(checkpoints)
+    apps_of = model_apps(out)
+    unknown = sorted(m for m, path in paths.items() if path is not None and m not in apps_of)
+    if unknown:
+        raise ValueError(f"the config has no applications for {unknown}; it serves "
+                         f"{sorted(apps_of)}")
+    present = {m: apps for m, apps in apps_of.items() if paths.get(m) is not None}
     keep = [a for a in out["applications"]
             if a["name"] == APP_NAME or (a.get("args") or {}).get("model") in present]
     renamed = {a["name"]: (name if a["name"] == APP_NAME else

@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 
 from mve.errors import UserError
 from serve_app.dataplane import embedded_env
+from serve_app.families import SERVED
 
 __all__ = ["serve_parent", "apply_default_models", "serve_command"]
 
@@ -28,11 +29,12 @@ __all__ = ["serve_parent", "apply_default_models", "serve_command"]
 def serve_parent() -> argparse.ArgumentParser:
     """Options of ``mve serve``."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--classifier", metavar="DIR", help="classifier checkpoint directory or URI")
-    p.add_argument("--vae", metavar="DIR", help="VAE checkpoint directory or URI")
+    for family in SERVED.values():
+        p.add_argument(f"--{family.name}", metavar="DIR",
+                       help=f"{family.title} checkpoint directory or URI")
     p.add_argument("--no-defaults", action="store_true",
-                   help="do not fall back to the shipped models/cifar10-classifier and "
-                        "models/cifar10-vae for a model that is not given")
+                   help="do not fall back to the shipped checkpoints under models/ for a model "
+                        "that is not given")
     p.add_argument("--host", default="127.0.0.1",
                    help="HTTP bind address (default 127.0.0.1; 0.0.0.0 to listen on all)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
@@ -93,15 +95,15 @@ def _save_config(config: dict[str, Any], port: int) -> Path:
 
 
 def apply_default_models(args: argparse.Namespace) -> argparse.Namespace:
-    """Fills a missing ``--classifier``/``--vae`` with the shipped default checkpoint
+    """Fills a missing ``--<family>`` with the shipped default checkpoint
     (``models/cifar10-*``, see :mod:`mve.pretrained`) unless ``--no-defaults``."""
     if getattr(args, "no_defaults", False):
         return args
-    from mve.pretrained import default_classifier, default_vae
+    from mve.pretrained import default_checkpoint
 
-    for kind, find in (("classifier", default_classifier), ("vae", default_vae)):
+    for kind in SERVED:
         if not getattr(args, kind, None):
-            found = find()
+            found = default_checkpoint(kind)
             if found is not None:
                 setattr(args, kind, str(found))
                 print(f"mve serve: {kind}: the shipped default {found}", file=sys.stderr)
@@ -152,9 +154,9 @@ def serve_command(args: argparse.Namespace) -> int:
 def _app_config(args: argparse.Namespace) -> dict[str, Any]:
     """The Serve config of ``mve serve``'s flags (checked before Ray starts)."""
     apply_default_models(args)
-    if not args.classifier and not args.vae:
-        raise UserError("give --classifier DIR and/or --vae DIR (no shipped default "
-                        "checkpoints in models/cifar10-classifier or models/cifar10-vae)")
+    if not any(getattr(args, kind) for kind in SERVED):
+        flags = " and/or ".join(f"--{kind} DIR" for kind in SERVED)
+        raise UserError(f"give {flags} (no shipped default checkpoints under models/)")
     from serve_app.deploy import app_config, load_config
 
     key_file = str(Path(args.api_key_file).expanduser().resolve()) if args.api_key_file else None
@@ -164,9 +166,8 @@ def _app_config(args: argparse.Namespace) -> dict[str, Any]:
     threads = args.torch_threads
     if threads is None and local:  # a replica reserves a fraction of a CPU: Ray would give 1
         threads = args.num_cpus or os.cpu_count() or 1
-    return app_config(load_config(args.config),
-                      classifier=_local_path(args.classifier, check=local),
-                      vae=_local_path(args.vae, check=local), host=args.host, port=args.port,
+    checkpoints = {kind: _local_path(getattr(args, kind), check=local) for kind in SERVED}
+    return app_config(load_config(args.config), checkpoints, host=args.host, port=args.port,
                       api_key_file=key_file, max_batch_size=args.max_batch_size,
                       batch_wait_timeout_s=args.batch_wait_timeout_s, tta=args.tta,
                       torch_threads=threads)

@@ -27,9 +27,9 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from mve import __version__
 from serve_app.api import current_server, new_app, setup_replica
-from serve_app.deploy import DEPLOYMENT_NAMES
 from serve_app.errors import ApiError
-from serve_app.schemas import MODELS, FrontArgs, ModelInfo, ModelsResponse
+from serve_app.families import MODELS, SERVED, served
+from serve_app.schemas import FrontArgs, ModelInfo, ModelsResponse
 
 __all__ = ["app", "Front"]
 
@@ -98,14 +98,23 @@ async def ready() -> JSONResponse:
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 
-@app.api_route("/v1/classify", methods=["POST"], include_in_schema=False)
-async def no_classifier() -> Response:
-    raise _not_deployed("classifier")
+def _not_deployed_route(model: str) -> Any:
+    async def not_deployed() -> Response:
+        raise _not_deployed(model)
+    return not_deployed
 
 
-@app.api_route("/v1/vae/{rest:path}", methods=["GET", "POST"], include_in_schema=False)
-async def no_vae(rest: str) -> Response:
-    raise _not_deployed("vae")
+def _add_not_deployed_routes() -> None:
+    """A family that is not deployed has no application claiming its ``/v1`` prefix, so its
+    requests reach the front: answer them with a 404 that names the family."""
+    for family in SERVED.values():
+        route = _not_deployed_route(family.name)
+        for path in (family.api_prefix, family.api_prefix + "/{rest:path}"):
+            app.add_api_route(path, route, methods=["GET", "POST"], include_in_schema=False,
+                              name=f"no_{family.name}")
+
+
+_add_not_deployed_routes()
 
 
 @app.api_route("/v2/models/{model_name}{rest:path}", methods=["GET", "POST"],
@@ -123,13 +132,8 @@ def _merged_openapi() -> dict[str, Any]:
         from fastapi.openapi.utils import get_openapi
 
         routes = list(app.routes)
-        deployed = _front().deployed
-        if "classifier" in deployed:
-            from serve_app.classifier_app import app as classifier
-            routes += classifier.routes
-        if "vae" in deployed:
-            from serve_app.vae_app import app as vae
-            routes += vae.routes
+        for model in _front().deployed:
+            routes += served(model).app_module().app.routes
         app.openapi_schema = get_openapi(title=app.title, version=app.version,
                                          description=app.description, routes=routes)
     return app.openapi_schema
@@ -180,7 +184,7 @@ class Front:
     def _handle(self, app_name: str, model: str) -> Any:
         if app_name not in self._handles:
             self._handles[app_name] = serve.get_deployment_handle(
-                DEPLOYMENT_NAMES[model], app_name=app_name)
+                served(model).deployment, app_name=app_name)
         return self._handles[app_name]
 
     async def info(self, model: str, app_name: str | None = None) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from ray import serve
 from serve_app.api import setup_replica
 from serve_app.batching import GreedyBatcher
 from serve_app.errors import ApiError
+from serve_app.families import served
 from serve_app.images import decode_images, input_size, preprocess
 from serve_app.loading import LoadedModel, load_model
 from serve_app.metrics import ModelMetrics
@@ -51,8 +52,7 @@ def _replica_id() -> str:
         return "local"
 
 
-def model_ingress(app: Any, kind: str, name: str, *, max_ongoing: int,
-                  target_ongoing: int) -> Any:
+def model_ingress(app: Any, kind: str, *, max_ongoing: int, target_ongoing: int) -> Any:
     """Makes a :class:`ModelServer` subclass the one deployment of model ``kind``'s
     application and its HTTP ingress: the OIP routes join the app's own (before
     ``@serve.ingress``, which takes the routes as they are when it runs), then a quarter CPU
@@ -62,7 +62,7 @@ def model_ingress(app: Any, kind: str, name: str, *, max_ongoing: int,
     def wrap(cls: type) -> Any:
         cls.kind = kind
         return serve.deployment(
-            name=name, max_ongoing_requests=max_ongoing, ray_actor_options={"num_cpus": 0.25},
+            name=served(kind).deployment, max_ongoing_requests=max_ongoing, ray_actor_options={"num_cpus": 0.25},
             autoscaling_config={"min_replicas": 1, "max_replicas": 2,
                                 "target_ongoing_requests": target_ongoing},
             health_check_period_s=10, graceful_shutdown_timeout_s=20)(serve.ingress(app)(cls))

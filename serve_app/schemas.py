@@ -10,8 +10,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from serve_app.families import MODELS
+
 __all__ = [
-    "MODELS", "ModelKind", "TTAMode", "AppArgs", "ModelArgs", "FrontArgs", "Limits",
+    "ModelKind", "TTAMode", "AppArgs", "ModelArgs", "FrontArgs", "Limits",
     "ModelUserConfig", "ClassifyParams", "ClassifyJSON", "ClassScore",
     "Prediction", "ClassifyResponse", "SampleParams", "VariationParams", "InterpolateParams",
     "NoParams", "ImagesJSON", "ImagesResponse", "SwapStatus", "ModelInfo", "ModelsResponse",
@@ -35,8 +37,7 @@ class Limits(BaseModel):
     max_steps: int = Field(32, ge=2, le=1024, description="VAE interpolation steps")
 
 
-MODELS = ("classifier", "vae")
-ModelKind = Literal["classifier", "vae"]
+ModelKind = Literal[MODELS]  # type: ignore[valid-type]  # the served families
 TTAMode = Literal["none", "flip", "flip_translate"]
 
 
@@ -192,7 +193,7 @@ class SwapStatus(BaseModel):
 
 
 class ModelInfo(BaseModel):
-    name: Literal["classifier", "vae"]
+    name: ModelKind
     checkpoint_id: str
     checkpoint: str
     model_name: str

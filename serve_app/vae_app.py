@@ -110,7 +110,7 @@ async def interpolate(request: Request) -> Response:
     return await server.generate("interpolate", as_json, run, nrow=p.steps)
 
 
-@model_ingress(app, "vae", "VAE", max_ongoing=32, target_ongoing=8)
+@model_ingress(app, "vae", max_ongoing=32, target_ongoing=8)
 class VAEServer(ModelServer):
     """The conv VAE behind its own routes: batched reconstructions, generation, hot swap."""
 

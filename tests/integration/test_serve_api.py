@@ -57,8 +57,8 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     (d / "key").write_text(KEY + "\n")
     port = free_port()
     base = load_config()
-    cfg = app_config(base, classifier=str(clf), vae=str(vae), host="127.0.0.1", port=port)
-    secure = app_config(base, classifier=str(clf), vae=None, name="secure", mount="/secure",
+    cfg = app_config(base, {"classifier": str(clf), "vae": str(vae)}, host="127.0.0.1", port=port)
+    secure = app_config(base, {"classifier": str(clf)}, name="secure", mount="/secure",
                         api_key_file=str(d / "key"))
     cfg["applications"] += secure["applications"]
     env = embedded_env()

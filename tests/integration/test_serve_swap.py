@@ -51,7 +51,7 @@ def env(tmp_path_factory: pytest.TempPathFactory):
     (d / "model.pt").write_bytes(b"not a pickle you want to load")
     ckpts.update(tampered=tampered, pickle=d / "model.pt", missing=d / "missing")
     port = free_port()
-    config = app_config(load_config(), classifier=str(ckpts["c1"]), vae=None,
+    config = app_config(load_config(), {"classifier": str(ckpts["c1"])},
                         host="127.0.0.1", port=port)
     with applied(embedded_env()):
         ray.init(address="local", num_cpus=2, include_dashboard=False,
@@ -179,7 +179,7 @@ def test_tta_and_threads_apply_live(env: ServedApp) -> None:
 
 
 def test_first_load_failure_fails_clearly(env: ServedApp) -> None:
-    broken = app_config(load_config(), classifier=str(env.ckpts["missing"]), vae=None,
+    broken = app_config(load_config(), {"classifier": str(env.ckpts["missing"])},
                         name="broken", mount="/broken")
     for app in broken["applications"][1:]:  # the model apps (the front needs no checkpoint)
         app["deployments"][0]["max_constructor_retry_count"] = 1  # one attempt, not three

@@ -240,7 +240,7 @@ def test_prometheus_reads_training_and_serving_metrics(prometheus_exe, tmp_path)
         run_training(cfg, ClusterConfig(num_workers=1, storage=str(tmp_path / "storage")),
                      str(archive), out=tmp_path / "clf", name=RUN)
         # -- serving: serve_app/config.yaml with the fresh checkpoint, a few requests
-        config = app_config(load_config(), classifier=str(tmp_path / "clf"), vae=None,
+        config = app_config(load_config(), {"classifier": str(tmp_path / "clf")},
                             host="127.0.0.1", port=serve_port)
         deploy(config, timeout_s=120)
         base = f"http://127.0.0.1:{serve_port}"

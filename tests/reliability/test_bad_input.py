@@ -52,9 +52,9 @@ SERVER_CLASSES = {"front": "ServeReplica:mve:Front",
 @pytest.fixture(scope="module")
 def url(serve_instance, tmp_path_factory: pytest.TempPathFactory) -> str:
     d = tmp_path_factory.mktemp("bad-input")
-    config = app_config(load_config(), classifier=str(make_classifier(d / "clf", seed=1)),
-                        vae=str(make_vae(d / "vae", seed=2)), host="127.0.0.1",
-                        port=free_port())
+    checkpoints = {"classifier": str(make_classifier(d / "clf", seed=1)),
+                   "vae": str(make_vae(d / "vae", seed=2))}
+    config = app_config(load_config(), checkpoints, host="127.0.0.1", port=free_port())
     return serve_instance(fixed_replicas(config, 1))  # one replica each: stable RSS
 
 

@@ -142,7 +142,7 @@ def test_ray_job_submit_needs_the_token(head: str, tmp_path: Path) -> None:
 def test_inference_routes_need_the_api_key(serve_instance, tmp_path_factory) -> None:
     d = tmp_path_factory.mktemp("api-key")
     (d / "key").write_text(KEY + "\n")
-    config = app_config(load_config(), classifier=str(make_classifier(d / "clf")), vae=None,
+    config = app_config(load_config(), {"classifier": str(make_classifier(d / "clf"))},
                         host="127.0.0.1", port=free_port(), api_key_file=str(d / "key"))
     url = serve_instance(fixed_replicas(config, 1))
     oip = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32],

@@ -48,7 +48,7 @@ BATCH_IMAGES = 32
 def app(serve_instance, tmp_path_factory: pytest.TempPathFactory) -> ServedApp:
     d = tmp_path_factory.mktemp("serve-faults")
     ckpts = {"c1": make_classifier(d / "c1", seed=1), "c2": make_classifier(d / "c2", seed=2)}
-    config = app_config(load_config(), classifier=str(ckpts["c1"]), vae=None,
+    config = app_config(load_config(), {"classifier": str(ckpts["c1"])},
                         host="127.0.0.1", port=free_port())
     config = fixed_replicas(fixed_replicas(config, 1), REPLICAS, model="classifier")
     url = serve_instance(config)

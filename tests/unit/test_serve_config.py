@@ -8,12 +8,12 @@ import pytest
 from serve_app.dataplane import DATAPLANE_ENV, PER_HOST_PORTS, applied, embedded_env
 from serve_app.deploy import (
     APP_NAME,
-    DEPLOYMENT_NAMES,
     app_config,
     load_config,
     model_apps,
     set_user_config,
 )
+from serve_app.families import served
 from serve_app.schemas import AppArgs, FrontArgs, ModelArgs, ModelUserConfig
 
 PREFIXES = {"mve": "/", "classifier": "/v1/classify", "classifier-oip": "/v2/models/classifier",
@@ -33,7 +33,7 @@ def test_the_config_is_one_front_and_two_apps_per_model() -> None:
             assert app["args"]["models"] == model_apps(cfg) and dep["name"] == "Front"
             continue
         args = ModelArgs.model_validate(app["args"])
-        assert dep["name"] == DEPLOYMENT_NAMES[args.model]
+        assert dep["name"] == served(args.model).deployment
         ModelUserConfig.model_validate(dep["user_config"])
     # anchors are copies: editing one twin's user_config leaves the other alone
     apps = {a["name"]: a for a in cfg["applications"]}
@@ -42,7 +42,7 @@ def test_the_config_is_one_front_and_two_apps_per_model() -> None:
 
 
 def test_app_config_keeps_the_present_models_and_sets_their_options() -> None:
-    cfg = app_config(load_config(), classifier="/ckpt/c", vae=None, port=9000,
+    cfg = app_config(load_config(), {"classifier": "/ckpt/c"}, port=9000,
                      max_batch_size=4, tta="none", api_key_file="/k", max_images=8)
     assert [a["name"] for a in cfg["applications"]] == ["mve", "classifier", "classifier-oip"]
     front, clf, oip = cfg["applications"]
@@ -60,7 +60,8 @@ def test_app_config_keeps_the_present_models_and_sets_their_options() -> None:
 
 
 def test_mounting_renames_and_moves_every_app() -> None:
-    cfg = app_config(load_config(), classifier="/c", vae="/v", name="secure", mount="/secure")
+    cfg = app_config(load_config(), {"classifier": "/c", "vae": "/v"}, name="secure",
+                     mount="/secure")
     names = {a["name"]: a["route_prefix"] for a in cfg["applications"]}
     assert names == {"secure": "/secure", "secure-classifier": "/secure/v1/classify",
                      "secure-classifier-oip": "/secure/v2/models/classifier",
@@ -71,8 +72,16 @@ def test_mounting_renames_and_moves_every_app() -> None:
         AppArgs.model_validate({"mount": "no-leading-slash"})
 
 
+def test_app_config_refuses_a_checkpoint_for_a_family_the_config_does_not_serve() -> None:
+    with pytest.raises(ValueError, match="no applications for .'classifer'"):
+        app_config(load_config(), {"classifer": "/c"})
+    only_vae = app_config(load_config(), {"vae": "/v"})
+    with pytest.raises(ValueError, match="it serves .'vae'"):
+        app_config(only_vae, {"classifier": "/c"})
+
+
 def test_set_user_config_swaps_every_app_of_a_model_in_a_copy() -> None:
-    cfg = app_config(load_config(), classifier="/ckpt/c", vae="/ckpt/v")
+    cfg = app_config(load_config(), {"classifier": "/ckpt/c", "vae": "/ckpt/v"})
     swapped = set_user_config(cfg, "classifier", checkpoint="/ckpt/d")
     ucs = {a["name"]: a["deployments"][0].get("user_config", {})
            for a in swapped["applications"]}
@@ -80,7 +89,7 @@ def test_set_user_config_swaps_every_app_of_a_model_in_a_copy() -> None:
     assert ucs["vae"]["checkpoint"] == "/ckpt/v"
     assert cfg["applications"][1]["deployments"][0]["user_config"]["checkpoint"] == "/ckpt/c"
     with pytest.raises(KeyError):
-        set_user_config(app_config(load_config(), classifier="/c", vae=None), "vae", x=1)
+        set_user_config(app_config(load_config(), {"classifier": "/c"}), "vae", x=1)
 
 
 def test_embedded_env_takes_free_ports_and_keeps_user_overrides(monkeypatch) -> None:
