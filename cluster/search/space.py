@@ -86,6 +86,26 @@ class Param:
             return [a[0], a[1] - 1]
         return [a[0], a[1]]  # qrandint: both bounds included
 
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` lies in this distribution: its draws' bounds (:data:`DISTRIBUTIONS`),
+        except that a float range includes ``hi``, as the Optuna distribution it becomes does."""
+        a = self.args
+        if self.dist == "choice":
+            return value in a and any(type(value) is type(o) for o in a if o == value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.dist in ("uniform", "loguniform"):
+            return a[0] <= value <= a[1]
+        if self.dist == "quniform":  # multiples of q carry rounding error: compare loosely
+            slack = 1e-9 * a[2]
+            return (a[0] - slack <= value <= a[1] + slack
+                    and math.isclose(value / a[2], round(value / a[2]), abs_tol=1e-9))
+        if not float(value).is_integer():
+            return False
+        if self.dist == "qrandint":
+            return a[0] <= value <= a[1] and (value - a[0]) % a[2] == 0
+        return a[0] <= value < a[1]  # randint, lograndint
+
     def to_dict(self) -> dict[str, list[Any]]:
         return {self.dist: list(self.args)}
 
@@ -110,6 +130,15 @@ class SearchSpace:
         drop = set(keys)
         return SearchSpace({k: p for k, p in self.params.items() if k not in drop},
                            dict(self.fixed), self.source)
+
+    def base_point(self, base: Mapping[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
+        """The searched values of the (nested) config ``base`` as one point to evaluate first,
+        so a search starts from its recipe and can only improve on it; None when some value
+        lies outside the space (Optuna's warm start needs every key), with those keys."""
+        flat = flatten(base)
+        point = {key: flat.get(key) for key in self.params}
+        outside = [key for key, p in self.params.items() if not p.contains(point[key])]
+        return (None if outside or not point else point), outside
 
     def to_dict(self) -> dict[str, Any]:
         """The YAML form (dotted keys), which :func:`parse_space` reads back."""

@@ -89,6 +89,12 @@ def _new_tuner(s: TuneSettings, store: _Store, fn: Any) -> Any:
         s.workers_per_trial, s.cpus_per_trial,
         f" + {s.gpus_per_trial:g} GPU" if s.gpus_per_trial else "", len(s.space.params),
         s.space.source)
+    point, outside = s.space.base_point(s.base.to_dict())
+    if point is not None:
+        logger.info("the first trial is the base config's own values: %s", point)
+    else:
+        logger.info("the base config lies outside the space at %s: no trial starts from it",
+                    ", ".join(outside))
     # a trial at max_t ends by itself (Train-run trials then shut their worker group down
     # cleanly), hence stop_last_trials=False
     scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=s.max_epochs,
@@ -99,7 +105,8 @@ def _new_tuner(s: TuneSettings, store: _Store, fn: Any) -> Any:
         param_space=s.space.param_space(),
         tune_config=tune.TuneConfig(
             metric=s.metric, mode=s.mode,  # the one place metric/mode are set
-            search_alg=OptunaSearch(seed=s.seed), scheduler=scheduler,
+            search_alg=OptunaSearch(seed=s.seed, points_to_evaluate=[point] if point else None),
+            scheduler=scheduler,
             num_samples=s.samples, max_concurrent_trials=concurrent,
             trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(

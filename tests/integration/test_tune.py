@@ -182,9 +182,17 @@ def test_concurrency_follows_the_cluster_resources(local_ray):
 
 
 def test_vae_search_minimises_the_validation_elbo(archive, spaces, tmp_path, local_ray):
-    args = _args("vae", archive, spaces["vae"], tmp_path, "--samples", "2", "--max-epochs", "1")
+    # The base config lies inside the space here (the VAE recipe's lr, and batch 16 from the
+    # file), so the first trial evaluates exactly it: a search starts from its recipe.
+    base = tmp_path / "base.yaml"
+    base.write_text("batch_size: 16\n")
+    args = _args("vae", archive, spaces["vae"], tmp_path, "--samples", "2", "--max-epochs", "1",
+                 "--config", str(base))
     assert main(args) == 0
     out = tmp_path / "out"
+    recipe_lr = load_train_config("vae").optim.lr
+    tried = [(int(r["param:batch_size"]), float(r["param:optim.lr"])) for r in _rows(out)]
+    assert (16, recipe_lr) in tried, tried  # a drawn lr is never exactly the recipe's
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["metric"], summary["mode"]) == ("val_elbo_bpd", "min")
     rows = _rows(out)

@@ -183,6 +183,38 @@ def test_probe_values_follow_tune_bounds():
     assert lo < mid < hi and not math.isclose(mid, round(mid))
 
 
+def test_contains_follows_the_same_bounds_as_the_draws():
+    space = _space("model.cnn_layers: {randint: [4, 8]}\n"
+                   "model.final_channels: {qrandint: [128, 320, 2]}\n"
+                   "optim.lr: {loguniform: [1.0e-4, 1.0e-2]}\n"
+                   "model.dropout: {quniform: [0.0, 0.3, 0.1]}\n"
+                   "model.residual: {choice: [true, false]}\n"
+                   "optim.name: {choice: [adam, adamw]}\n")
+    for p in space.params.values():
+        assert all(p.contains(v) for v in p.probe_values()), p
+    inside = {"model.cnn_layers": 7, "model.final_channels": 130, "optim.lr": 1e-3,
+              "model.dropout": 0.2, "model.residual": False, "optim.name": "adamw"}
+    outside = {"model.cnn_layers": 8, "model.final_channels": 131, "optim.lr": 2e-2,
+               "model.dropout": 0.25, "model.residual": 0, "optim.name": "sgd"}
+    for key, p in space.params.items():
+        assert p.contains(inside[key]) and not p.contains(outside[key]), key
+    assert not space.params["model.cnn_layers"].contains(5.5)
+    assert not space.params["optim.lr"].contains("0.001")
+
+
+def test_a_search_starts_from_its_base_config_when_the_space_holds_it():
+    space = load_space(REPO / "cluster/spaces/classifier-fast.yaml", "classifier")
+    base = load_train_config("classifier", preset="fast")
+    point, outside = space.base_point(base.to_dict())
+    assert outside == [] and point is not None and set(point) == set(space.params)
+    flat = flatten(base.to_dict())
+    assert all(flat[k] == v for k, v in point.items())
+    assert point["optim.lr"] == 1.5 and point["averaging"] == "lookahead"
+    # The note's space does not hold the fast recipe: no point, and the keys that say why.
+    point, outside = load_space(None, "classifier").base_point(base.to_dict())
+    assert point is None and "optim.lr" in outside and "batch_size" in outside
+
+
 def test_optuna_distributions_match_the_bounds():
     space = _space("model.cnn_layers: {randint: [4, 8]}\n"
                    "model.final_channels: {qrandint: [128, 320, 2]}\n"
