@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from mve.averaging import WeightAverager
 from mve.checkpoint import CheckpointError, load_resume_state, save_checkpoint
 from mve.config import TrainConfig
-from mve.data import DataBundle, Split, TensorLoader
+from mve.data import DataBundle, Split, TensorLoader, stratified_subset
 from mve.data.transforms import normalize
 from mve.loop import Stepper, evaluate, step_for, train_one_epoch
 from mve.models import build_model, get_spec
@@ -152,7 +152,8 @@ def _setup(cfg: TrainConfig, data: DataBundle, device: torch.device, *, rank: in
     if resume_from is not None:
         start_epoch, history, state = _resume_weights(net, resume_from)
     elif hasattr(net, "init_from_data"):
-        net.init_from_data(_init_batch(data.train, prep, device))
+        net.init_from_data(_init_batch(data.train, prep, device, num_classes=len(data.class_names),
+                                       seed=cfg.seed))
     model = wrap_model(net) if wrap_model is not None else net
     if cfg.compile:
         model = torch.compile(model)
@@ -327,11 +328,14 @@ def _averaged(averager: WeightAverager | None, net: nn.Module):
     return averager.averaged(net) if averager is not None else contextlib.nullcontext(net)
 
 
-def _init_batch(split: Split, prep: Mapping[str, Any], device: torch.device,
-                n: int = 5000) -> torch.Tensor:
-    """The first ``n`` training images, normalised: the data for data-dependent init
-    (identical on every rank, so replicas start equal)."""
-    return normalize(split.images[:n].to(device), prep["mean"], prep["std"])
+def _init_batch(split: Split, prep: Mapping[str, Any], device: torch.device, *,
+                num_classes: int, seed: int, n: int = 5000) -> torch.Tensor:
+    """``n`` training images drawn per class in proportion, seeded, normalised: the data for
+    data-dependent init (the whitening layer). Identical on every rank, so replicas start
+    equal. Not the first ``n``: a split keeps its source's order, which for an image folder
+    is by class (the first 5,000 CIFAR-10 images were 4,500 airplanes)."""
+    sample = stratified_subset(split, n, num_classes, seed=seed)
+    return normalize(sample.images.to(device), prep["mean"], prep["std"])
 
 
 def _checkpoint_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:

@@ -154,3 +154,19 @@ def test_ema_checkpoints_hold_the_average_and_resume_on_the_raw_weights(tmp_path
     assert epochs == [2] and [h["epoch"] for h in resumed.history] == [1, 2]
     for k, v in load_training_state(tmp_path / "e1")["raw_model"].items():
         torch.testing.assert_close(seen[k], v)
+
+
+def test_whitening_init_images_are_a_seeded_class_stratified_sample() -> None:
+    # An image-folder source keeps class order: 10 classes x 600 images, class k all pixels k.
+    from mve.train import _init_batch
+
+    labels = torch.arange(10).repeat_interleave(600)
+    split = Split(labels.view(-1, 1, 1, 1).expand(-1, 3, 4, 4).to(torch.uint8).contiguous(),
+                  labels)
+    prep = {"mean": [0.0] * 3, "std": [1 / 255] * 3}  # normalised value == class index
+    batch = _init_batch(split, prep, torch.device("cpu"), num_classes=10, seed=3)
+    classes = batch[:, 0, 0, 0].round().long()
+    assert len(batch) == 5000
+    assert torch.bincount(classes, minlength=10).tolist() == [500] * 10  # not 9 classes
+    again = _init_batch(split, prep, torch.device("cpu"), num_classes=10, seed=3)
+    assert torch.equal(batch, again)  # every rank fits the same whitening
