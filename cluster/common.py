@@ -12,7 +12,9 @@ from typing import Any
 
 import ray
 
-__all__ = ["init_ray", "scalar_metrics", "fetch_checkpoint"]
+from mve.errors import UserError
+
+__all__ = ["init_ray", "check_gpus", "scalar_metrics", "fetch_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,28 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
     ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
              logging_level=logging.WARNING)
     return True
+
+
+def check_gpus(needed: float, *, embedded: bool, what: str) -> None:
+    """Fails at once when ``what`` needs ``needed`` GPUs (per worker or trial) that this Ray
+    instance does not have and never will: an embedded Ray has the machine's devices and no
+    autoscaler, so Ray would wait forever. A cluster may add GPU nodes (KubeRay's GPU worker
+    group scales up from zero), so there it only says what it is waiting for.
+
+    Raises:
+        UserError: ``embedded`` and fewer than ``needed`` GPUs.
+    """
+    if needed <= 0:
+        return
+    have = float(ray.cluster_resources().get("GPU", 0.0))
+    if have >= needed:
+        return
+    if embedded:
+        raise UserError(f"{what} asks for {needed:g} GPU but this machine has {have:g} that Ray "
+                        "can use (no CUDA device found); drop --gpu, or join a cluster with "
+                        "GPU nodes (--address)")
+    logger.warning("%s asks for %g GPU and the cluster has %g now: waiting for its autoscaler "
+                   "to add a GPU node (Ctrl-C to stop)", what, needed, have)
 
 
 def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:

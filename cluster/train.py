@@ -36,7 +36,7 @@ import ray.train
 import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
-from cluster.common import fetch_checkpoint, init_ray, scalar_metrics
+from cluster.common import check_gpus, fetch_checkpoint, init_ray, scalar_metrics
 from cluster.options import train_parser
 from mve import local_train
 from mve.checkpoint import META, CheckpointError, load_checkpoint, verify_checkpoint
@@ -283,6 +283,8 @@ def run_training(cfg: TrainConfig, cluster: ClusterConfig, data_path: str, *, ou
     cfg = cfg.with_data_path(Path(data_path).absolute())  # the saved config records its data
     started = init_ray(address)
     try:
+        check_gpus(cluster.gpus_per_worker if cluster.use_gpu else 0, embedded=started,
+                   what="--gpu (one per worker)")
         logger.info("Ray Train run %s: %d worker(s), gpu=%s", name, cluster.num_workers,
                     cluster.use_gpu)
         result = build_trainer(cfg, cluster, data_path, name=name,

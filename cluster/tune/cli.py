@@ -161,10 +161,11 @@ def run(args: argparse.Namespace) -> int:
     settings = prepare(args)
     import ray  # only now: a command line that fails its checks never loads Ray
 
-    from cluster.common import init_ray
+    from cluster.common import check_gpus, init_ray
 
     started = init_ray(settings.address)
     try:
+        check_gpus(settings.gpus_per_trial, embedded=started, what="--gpus-per-trial")
         summary = run_search(settings)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

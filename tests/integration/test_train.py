@@ -107,3 +107,23 @@ def test_run_names_are_deterministic(archive):
     assert a == run_name(_cfg("epochs=2"), str(archive), ClusterConfig())
     assert a != run_name(_cfg("epochs=3"), str(archive), ClusterConfig())
     assert a != run_name(_cfg("epochs=2"), str(archive), ClusterConfig(num_workers=2))
+
+
+def test_gpu_without_a_gpu_fails_at_once_with_a_user_error(archive, tmp_path):
+    """On an embedded Ray without CUDA, --gpu is a one-line error and exit code 2, not a
+    resource request that waits forever (the timeout only guards against that hang)."""
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: --gpu is satisfiable here")
+    sets = [a for kv in SMALL for a in ("--set", kv)]
+    cmd = [sys.executable, "-m", "cluster.train", "classifier", "--preset", "baseline",
+           "--gpu", "--data", str(archive), "--epochs", "1", *sets, "--out", str(tmp_path / "o")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "asks for 1 GPU but this machine has 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()
