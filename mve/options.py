@@ -46,6 +46,9 @@ def train_parent() -> argparse.ArgumentParser:
     t.add_argument("--data", help="data path (else $MVE_DATA, else official CIFAR-10 in the cache)")
     t.add_argument("--epochs", type=int, help="number of epochs (overrides the config)")
     t.add_argument("--limit", type=int, help="at most N training images, stratified (smoke runs)")
+    t.add_argument("--val-size", type=int, metavar="N",
+                   help="validation images held out, stratified (default: the config's, 5000; "
+                        "fewer make a smoke run's evaluation faster)")
     t.add_argument("--out", help="output directory (default runs/<model>-local or -ray)")
     t.add_argument("--seed", type=int, help="training seed")
     t.add_argument("--device", default="auto", help="--local only: auto, cpu, cuda or cuda:N")
@@ -71,10 +74,12 @@ def given(args: argparse.Namespace, **keys: str) -> dict[str, Any]:
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig of ``mve train``: the config options plus --epochs, --seed, --limit."""
-    extra = given(args, epochs="epochs", seed="seed")
-    if args.limit is not None:
-        extra["data"] = {"limit": args.limit}
+    """The TrainConfig of ``mve train``: the config options plus --epochs, --seed, --limit,
+    --val-size (a --set of the same key wins, as for every option)."""
+    extra: dict[str, Any] = given(args, epochs="epochs", seed="seed")
+    data = given(args, limit="limit", val_size="val_size")
+    if data:
+        extra["data"] = data
     return config_from_args(args, extra)
 
 

@@ -149,3 +149,20 @@ def test_train_vae_local_writes_grids_and_evaluates(archive, tmp_path, capsys):
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["num_samples"] == 40
     assert metrics["elbo_bpd"] > 0 and metrics["psnr"] > 0 and 0 < metrics["ssim"] <= 1
+
+
+def test_val_size_and_limit_options_reach_the_data_config():
+    import argparse
+
+    from mve.options import train_config_from_args, train_parent
+
+    parser = argparse.ArgumentParser(parents=[train_parent()])
+    cfg = train_config_from_args(parser.parse_args(
+        ["classifier", "--limit", "1000", "--val-size", "500", "--set", "epochs=3"]))
+    assert (cfg.data.limit, cfg.data.val_size, cfg.epochs) == (1000, 500, 3)
+    cfg = train_config_from_args(parser.parse_args(["classifier", "--set", "data.val_size=7"]))
+    assert cfg.data.val_size == 7 and cfg.data.limit is None
+    # as for --epochs, an explicit --set of the same key is the last word
+    cfg = train_config_from_args(parser.parse_args(
+        ["classifier", "--val-size", "500", "--set", "data.val_size=7"]))
+    assert cfg.data.val_size == 7
