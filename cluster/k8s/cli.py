@@ -44,6 +44,7 @@ from cluster.k8s.common import (
     STORAGE_ROOT,
     K8sError,
 )
+from cluster.k8s.offline import OfflineCluster
 from cluster.k8s.ops import promote, status, submit
 from cluster.k8s.serve_config import (
     MODELS_ROOT,
@@ -84,7 +85,9 @@ def _add_submit(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
                         f"(default {DEFAULT_TEMPLATE})")
     s.add_argument("--name", help="RayJob name (default mve-COMMAND-MODEL-MMDD-HHMMSS)")
     s.add_argument("--dry-run", action="store_true",
-                   help="print the objects instead of creating them")
+                   help="print the objects instead of creating them (without a kube config: "
+                        "cloned from the --overlay's own template)")
+    _add_overlay(s)
     s.add_argument("entry", nargs="?", choices=["tune", "train"],
                    help="python -m cluster.tune or cluster.train (default: the template's own "
                         "entrypoint)")
@@ -108,7 +111,16 @@ def _add_promote(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--service", default=DEFAULT_SERVICE,
                    help=f"RayService name (default {DEFAULT_SERVICE})")
     p.add_argument("--app", help="Serve application (default: the only one)")
-    p.add_argument("--dry-run", action="store_true", help="print the JSON patch only")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the JSON patch only (without a kube config: against the "
+                        "--overlay's RayService)")
+    _add_overlay(p)
+
+
+def _add_overlay(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overlay", choices=["cpu", "gpu"], default="cpu",
+                   help="--dry-run without a kube config: preview against the objects "
+                        "`kubectl kustomize k8s/overlays/OVERLAY` installs (default cpu)")
 
 
 def _add_render(sub: _Subparsers) -> None:
@@ -160,10 +172,24 @@ def _submit(args: argparse.Namespace, api_client: Any) -> int:
     # A --dry-run from a template file needs no cluster (and no kube config).
     local = args.dry_run and Path(args.template).is_file()
     if api_client is None and not local:
-        api_client = make_api_client(args.context)
+        api_client = _client(args)
     submit(api_client, namespace=args.namespace, command=args.entry, args=entry_args,
            template=args.template, name=args.name, dry_run=args.dry_run)
     return 0
+
+
+def _client(args: argparse.Namespace) -> Any:
+    """The kube context's API client; for a ``--dry-run`` without a kube config, the objects
+    the ``--overlay`` installs (nothing is sent anywhere)."""
+    try:
+        return make_api_client(args.context)
+    except K8sError as exc:
+        if not getattr(args, "dry_run", False):
+            raise
+        offline = OfflineCluster.from_overlay(args.overlay, args.namespace)
+        print(f"mve k8s: {exc}; previewing against {offline.source} (kubectl kustomize)",
+              file=sys.stderr)
+        return offline
 
 
 def run(args: argparse.Namespace, api_client: Any = None) -> int:
@@ -178,7 +204,7 @@ def run(args: argparse.Namespace, api_client: Any = None) -> int:
         return _submit(args, api_client)
     if args.k8s_command not in ("promote", "status"):
         raise K8sError(f"unknown action {args.k8s_command!r}")
-    client = api_client if api_client is not None else make_api_client(args.context)
+    client = api_client if api_client is not None else _client(args)
     if args.k8s_command == "promote":
         promote(client, namespace=args.namespace, checkpoint=args.checkpoint,
                 service=args.service, model=args.model, app=args.app, dry_run=args.dry_run)

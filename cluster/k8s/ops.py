@@ -12,6 +12,7 @@ import yaml
 
 from cluster.k8s.client import Cluster
 from cluster.k8s.common import DEFAULT_SERVICE, DEFAULT_TEMPLATE, K8sError
+from cluster.k8s.offline import OfflineCluster
 from cluster.k8s.rayjob import (
     build_files_configmap,
     build_rayjob,
@@ -28,7 +29,12 @@ from cluster.k8s.summary import format_summary, summarize
 __all__ = ["submit", "promote", "status"]
 
 
-def _template(api: Cluster | None, template: str) -> dict[str, Any]:
+def _cluster(api_client: Any, namespace: str) -> Cluster | OfflineCluster:
+    """The calls on ``api_client``'s cluster; an offline preview is its own."""
+    return api_client if isinstance(api_client, OfflineCluster) else Cluster(api_client, namespace)
+
+
+def _template(api: Cluster | OfflineCluster | None, template: str) -> dict[str, Any]:
     """The RayJob to clone: a YAML file, else the object of that name in the namespace."""
     if Path(template).is_file():
         return load_template_file(template)
@@ -51,7 +57,7 @@ def submit(api_client: Any, *, namespace: str, command: str | None, args: Sequen
         parse_entrypoint(command, args)
     if name is not None:
         check_job_name(name)
-    api = Cluster(api_client, namespace) if api_client is not None else None
+    api = _cluster(api_client, namespace) if api_client is not None else None
     tmpl = _template(api, template)
     if command is None:
         if args:
@@ -84,7 +90,7 @@ def promote(api_client: Any, *, namespace: str, checkpoint: str, service: str = 
     out = out or sys.stdout
     if not checkpoint or checkpoint != checkpoint.strip():
         raise K8sError(f"invalid checkpoint URI {checkpoint!r}")
-    api = Cluster(api_client, namespace)
+    api = _cluster(api_client, namespace)
     svc = api.get("RayService", service)
     old = (svc.get("spec") or {}).get("serveConfigV2") or ""
     new, changed = promote_serve_config(old, checkpoint, model=model, app=app)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import shlex
 import uuid
 
@@ -264,6 +265,50 @@ def test_submit_dry_run_from_a_rendered_file(tmp_path, capsys):
     assert_valid_rayjob(job)
     gpu = [g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"] if g["groupName"] == "gpu"]
     assert gpu and job["metadata"]["labels"]["mve.dev/template"] == "mve-tune"
+
+
+@pytest.fixture
+def no_kube_config(tmp_path, monkeypatch):
+    """No kube config anywhere and not in a pod: only an offline preview can answer."""
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-such-kubeconfig"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_dry_runs_without_a_kube_config_preview_the_overlay(no_kube_config, overlay, capsys):
+    args = mve_like_parser().parse_args(
+        ["k8s", "submit", "--dry-run", "--overlay", overlay, "--name", "dry", "tune",
+         "classifier", "--samples", "2"])
+    assert k8s_cli.run(args) == 0
+    out, err = capsys.readouterr()
+    assert f"previewing against k8s/overlays/{overlay}" in err
+    (job,) = list(yaml.safe_load_all(out))
+    assert_valid_rayjob(job)
+    template = one(render(overlay), "RayJob")
+    assert job["spec"]["rayClusterSpec"] == template["spec"]["rayClusterSpec"]
+    assert "--samples 2" in job["spec"]["entrypoint"]
+
+    args = mve_like_parser().parse_args(
+        ["k8s", "promote", "--dry-run", "--overlay", overlay, "--model", "vae", "s3://b/v"])
+    assert k8s_cli.run(args) == 0
+    patch = json.loads(capsys.readouterr().out)
+    service = one(render(overlay), "RayService")
+    assert patch[0] == {"op": "test", "path": "/spec/serveConfigV2",
+                        "value": service["spec"]["serveConfigV2"]}
+    promoted = yaml.safe_load(patch[1]["value"])
+    checkpoints = {a["name"]: a["deployments"][0]["user_config"]["checkpoint"]
+                   for a in promoted["applications"] if a["name"] != "mve"}
+    assert checkpoints["vae"] == checkpoints["vae-oip"] == "s3://b/v"
+    assert checkpoints["classifier"] != "s3://b/v"
+
+
+def test_without_a_kube_config_only_dry_runs_go_on(no_kube_config, capsys):
+    for argv in (["k8s", "promote", "--model", "vae", "s3://b/v"], ["k8s", "status"],
+                 ["k8s", "submit", "tune", "classifier"]):
+        args = mve_like_parser().parse_args(argv)
+        assert run_command(k8s_cli.run, args, prog="mve k8s") == 2, argv
+        assert "no Kubernetes configuration" in capsys.readouterr().err
 
 
 # -- promote -----------------------------------------------------------------------------------
