@@ -101,9 +101,10 @@ pretrained-classifier: install
 pretrained-vae: install
 	$(BIN)/mve train vae --preset sd --epochs 30 --local --device $(PRETRAINED_DEVICE) $(DATA_ARG) \
 		$(PRETRAINED_ARGS) --out runs/pretrained/vae
-	$(BIN)/mve vae fit-prior runs/pretrained/vae $(DATA_ARG) --components 10 --limit 20000 \
+	$(BIN)/mve vae fit-prior runs/pretrained/vae --in-place $(DATA_ARG) --components 10 \
+		--limit 20000 --device $(PRETRAINED_DEVICE)
+	$(BIN)/mve vae report runs/pretrained/vae --in-place $(DATA_ARG) --fid 10000 \
 		--device $(PRETRAINED_DEVICE)
-	$(BIN)/mve vae report runs/pretrained/vae $(DATA_ARG) --fid 10000 --device $(PRETRAINED_DEVICE)
 	rm -rf models/cifar10-vae && mkdir -p models/cifar10-vae
 	cd runs/pretrained/vae && cp $(SHIPPED_FILES) $(CURDIR)/models/cifar10-vae/
 

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from mve.errors import UserError
 from mve.evaluation import checkpoint_data, evaluate_checkpoint, open_checkpoint
 from mve.metrics import per_class_table
 from mve.models import get_spec
@@ -63,16 +64,35 @@ def fit_prior_parent() -> argparse.ArgumentParser:
     fp.add_argument("--limit", type=int, default=20000,
                     help="fit on at most N training images, seeded subset (default 20000)")
     fp.add_argument("--seed", type=int, default=0)
-    fp.add_argument("--out", help="write here instead of updating the checkpoint in place")
+    _destination_options(fp, "the checkpoint with its prior")
     fp.add_argument("--json", action="store_true", help="print the fit summary as JSON last")
     return fp
+
+
+def _destination_options(p: argparse.ArgumentParser, what: str) -> None:
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", metavar="DIR", help=f"write {what} to DIR (a new checkpoint)")
+    where.add_argument("--in-place", action="store_true",
+                       help="update the given checkpoint itself (never the default: a "
+                            "checkpoint may be shared or shipped)")
+
+
+def _destination(args: argparse.Namespace, command: str) -> Path | None:
+    """``--out``, or None for ``--in-place``; neither is a user error, so that no command
+    rewrites a checkpoint (e.g. the shipped models/cifar10-vae) unless asked to."""
+    if args.out:
+        return Path(args.out)
+    if args.in_place:
+        return None
+    raise UserError(f"mve vae {command} writes a checkpoint: give --out DIR for a new one, or "
+                    f"--in-place to update {args.checkpoint}")
 
 
 def report_parent() -> argparse.ArgumentParser:
     rp = argparse.ArgumentParser(add_help=False, parents=[fid_parent()])
     rp.add_argument("checkpoint", help="VAE checkpoint directory")
     _checkpoint_options(rp)
-    rp.add_argument("--out", help="write the checkpoint and report here (default: in place)")
+    _destination_options(rp, "the checkpoint and its report")
     rp.add_argument("--reproduce", help="the command that reproduces the checkpoint, shown in "
                                         "REPORT.md")
     rp.add_argument("--title", default="mve VAE", help="report title")
@@ -108,9 +128,10 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def vae_fit_prior(args: argparse.Namespace) -> int:
+    out = _destination(args, "fit-prior")
     device = resolve_device(args.device)
     ckpt = open_checkpoint(args.checkpoint, device, task="generation")
-    dest = Path(args.out) if args.out else ckpt.path
+    dest = out or ckpt.path
     summary = fit_prior(ckpt, checkpoint_data(ckpt, args.data), dest,
                         components=args.components, iters=args.iters, limit=args.limit,
                         seed=args.seed, batch_size=args.batch_size, device=device)
@@ -124,9 +145,10 @@ def vae_fit_prior(args: argparse.Namespace) -> int:
 
 
 def vae_report_command(args: argparse.Namespace) -> int:
+    out = _destination(args, "report")
     device = resolve_device(args.device)
     ckpt = open_checkpoint(args.checkpoint, device, task="generation")
-    dest = Path(args.out) if args.out else ckpt.path
+    dest = out or ckpt.path
     metrics, path = vae_report(ckpt, checkpoint_data(ckpt, args.data), dest, fid=args.fid,
                                fid_options=_fid_options(args), reproduce=args.reproduce,
                                title=args.title, batch_size=args.batch_size, device=device)

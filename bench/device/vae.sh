@@ -47,11 +47,11 @@ PY
 echo "VAE epochs: ${VAE_EPOCHS:=40}"
 VAE_CMD="mve train vae --preset sd --local --device cuda --data DATA --set precision=bf16 --epochs $VAE_EPOCHS --out runs/pretrained/vae"
 if run vae vae $(( VAE_SECONDS * 2 + 60 )) --preset sd --epochs "$VAE_EPOCHS"; then
-  timeout 90 python3 -m mve_cli vae fit-prior /tmp/runs/vae --data "$DATA" --components 10 \
+  timeout 90 python3 -m mve_cli vae fit-prior /tmp/runs/vae --in-place --data "$DATA" --components 10 \
     --limit 20000 --device "$DEVICE" >> /tmp/runs/vae.log 2>&1; echo "fit-prior rc=$?"
-  timeout 150 python3 -m mve_cli vae report /tmp/runs/vae --data "$DATA" --device "$DEVICE" \
+  timeout 150 python3 -m mve_cli vae report /tmp/runs/vae --in-place --data "$DATA" --device "$DEVICE" \
     --fid "$FID_N" --inception "$INC" --json \
-    --reproduce "$VAE_CMD && mve vae fit-prior runs/pretrained/vae --data DATA --components 10 --limit 20000 && mve vae report runs/pretrained/vae --data DATA --fid 10000" \
+    --reproduce "$VAE_CMD && mve vae fit-prior runs/pretrained/vae --in-place --data DATA --components 10 --limit 20000 && mve vae report runs/pretrained/vae --in-place --data DATA --fid 10000" \
     >> /tmp/runs/vae.log 2>&1; echo "vae report rc=$?"
   tail -4 /tmp/runs/vae.log
   pack vae

@@ -264,8 +264,13 @@ def _vae_with_split(path: Path) -> Path:
 def test_fit_prior_evaluate_fid_and_report(archive, tmp_path, cache, capsys):
     vae = _vae_with_split(tmp_path / "vae")
     clf = make_classifier(tmp_path / "clf")
-    assert main(["vae", "fit-prior", str(vae), "--data", str(archive), "--components", "2",
-                 "--iters", "10", "--device", "cpu", "--json"]) == 0
+    before = {f.name: f.read_bytes() for f in vae.iterdir() if f.is_file()}
+    for action in ("fit-prior", "report"):  # neither --out nor --in-place: nothing is written
+        assert main(["vae", action, str(vae), "--data", str(archive), "--device", "cpu"]) == 2
+        assert "--in-place" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in vae.iterdir() if f.is_file()} == before
+    assert main(["vae", "fit-prior", str(vae), "--in-place", "--data", str(archive),
+                 "--components", "2", "--iters", "10", "--device", "cpu", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["components"] == 2 and summary["samples"] > 0
     ckpt = load_checkpoint(vae)
@@ -286,8 +291,8 @@ def test_fit_prior_evaluate_fid_and_report(archive, tmp_path, cache, capsys):
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["fcd"] == pytest.approx(m["fcd"])
 
-    assert main(["vae", "report", str(vae), "--data", str(archive), "--device", "cpu",
-                 "--fid", "8", "--fid-features", "classifier", "--fid-classifier", str(clf),
+    assert main(["vae", "report", str(vae), "--in-place", "--data", str(archive), "--device",
+                 "cpu", "--fid", "8", "--fid-features", "classifier", "--fid-classifier", str(clf),
                  "--reproduce", "mve train vae --preset sd ..."]) == 0
     report = (vae / "REPORT.md").read_text()
     for s in ("PSNR", "SSIM", "bits/dim", "FCD", "8 samples", "reconstructions.png",
