@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -128,11 +129,23 @@ def _tuner(s: TuneSettings, store: _Store) -> tuple[Any, bool]:
     spec_text = json.dumps(s.spec(), indent=1, sort_keys=True)
     if tune.Tuner.can_restore(store.exp_path, storage_filesystem=store.storage_fs):
         check_spec(store.fs, store.exp_on_fs, store.exp_path, spec_text)
-        logger.info("resuming the search in %s (finished trials are kept)", store.exp_path)
-        return tune.Tuner.restore(store.exp_path, fn, resume_unfinished=True,
-                                  resume_errored=True, storage_filesystem=store.storage_fs), True
+        tuner = tune.Tuner.restore(store.exp_path, fn, resume_unfinished=True,
+                                   resume_errored=True, storage_filesystem=store.storage_fs)
+        _say_resuming(s, store, tuner)
+        return tuner, True
     write_text(store.fs, f"{store.exp_on_fs}/{SPEC_FILE}", spec_text)
     return _new_tuner(s, store, fn), False
+
+
+def _say_resuming(s: TuneSettings, store: _Store, tuner: Any) -> None:
+    """One line, always shown: a rerun that trains nothing must not look like a new search."""
+    try:
+        done = tuner.get_results().num_terminated
+    except Exception:  # noqa: BLE001 - the count is a courtesy; the restore itself worked
+        done = None
+    count = f"{done} of {s.samples}" if done is not None else f"? of {s.samples}"
+    print(f"resuming experiment {s.name} in {store.exp_path} ({count} trials done; finished "
+          "trials are not rerun; a new --name starts a new search)", file=sys.stderr, flush=True)
 
 
 def run_search(s: TuneSettings) -> dict[str, Any]:

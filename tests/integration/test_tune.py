@@ -161,7 +161,10 @@ def test_asha_optuna_search_exports_a_servable_best_checkpoint(archive, spaces, 
 
     # The same command again restores the finished experiment and reruns nothing.
     before = {p: p.read_text() for p in (tmp_path / "storage").glob("*/trial_*/result.json")}
+    capsys.readouterr()
     assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "resuming experiment tune-classifier" in err and "(6 of 6 trials done" in err
     assert _rows(out) == rows
     assert {p: p.read_text() for p in before} == before
     assert json.loads((out / "summary.json").read_text())["resumed"] is True
