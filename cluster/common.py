@@ -34,8 +34,11 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         return False
-    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-             logging_level=logging.WARNING)
+    # With the dashboard: Ray Train's PlacementGroupCleaner asks the State API (served by the
+    # dashboard) about its controller every second, and without one it logs a warning each
+    # time (300 lines in a 7-minute `make run`). It listens on loopback only.
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True,
+             dashboard_host="127.0.0.1", logging_level=logging.WARNING)
     return True
 
 

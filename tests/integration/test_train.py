@@ -109,6 +109,24 @@ def test_run_names_are_deterministic(archive):
     assert a != run_name(_cfg("epochs=2"), str(archive), ClusterConfig(num_workers=2))
 
 
+def test_an_embedded_train_run_is_quiet(archive, tmp_path):
+    """`mve train` on its own embedded Ray: no flood of State-API warnings from Ray Train's
+    placement-group cleaner (it needs the dashboard), and no traceback."""
+    import subprocess
+    import sys
+
+    sets = [a for kv in SMALL for a in ("--set", kv)]
+    cmd = [sys.executable, "-m", "cluster.train", "classifier", "--preset", "baseline",
+           "--data", str(archive), "--epochs", "2", *sets, "--out", str(tmp_path / "o"),
+           "--storage", str(tmp_path / "storage")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 0, console[-3000:]
+    assert "Failed to query Ray Train Controller" not in console
+    assert "Traceback" not in console
+    assert load_checkpoint(tmp_path / "o").model_name == "classifier"
+
+
 def test_gpu_without_a_gpu_fails_at_once_with_a_user_error(archive, tmp_path):
     """On an embedded Ray without CUDA, --gpu is a one-line error and exit code 2, not a
     resource request that waits forever (the timeout only guards against that hang)."""
