@@ -64,7 +64,7 @@ bench-serve: install
 # The main job, on the embedded Ray, with the recommended recipe (`fast`): a short ASHA + Optuna
 # search around it, then the best config trained longer with Ray Train, then evaluated;
 # $(RUN_DIR)/model is a servable checkpoint with its REPORT.md (`mve serve --classifier
-# $(RUN_DIR)/model`). On 2 quiet cores: 6 min 53 s, 73.9% (n=1, reproduced exactly; README);
+# $(RUN_DIR)/model`). On 2 quiet cores: about 7 minutes, 73.9% (n=1, reproduced exactly; README);
 # up to about 10 minutes when the winner has a whitening layer. Grow the budgets with e.g.
 # `make run SAMPLES=16 TUNE_EPOCHS=5 TUNE_LIMIT=20000 EPOCHS=10 LIMIT=` (LIMIT= is all 45,000).
 SAMPLES ?= 4
