@@ -111,7 +111,7 @@ def test_run_names_are_deterministic(archive):
 
 def test_an_embedded_train_run_is_quiet(archive, tmp_path):
     """`mve train` on its own embedded Ray: no flood of State-API warnings from Ray Train's
-    placement-group cleaner (it needs the dashboard), and no traceback."""
+    placement-group cleaner (it needs the dashboard), and no traceback of ours."""
     import subprocess
     import sys
 
@@ -123,7 +123,11 @@ def test_an_embedded_train_run_is_quiet(archive, tmp_path):
     console = proc.stdout + proc.stderr
     assert proc.returncode == 0, console[-3000:]
     assert "Failed to query Ray Train Controller" not in console
-    assert "Traceback" not in console
+    # Ray's cleaner thread does not catch a ConnectionError from the State API (fixed upstream
+    # in ray-project/ray#65447); on a busy machine it can print one traceback as the run ends.
+    # Everything else, mve's own output included, must be free of tracebacks.
+    ours = [ln for ln in console.splitlines() if "(PlacementGroupCleaner pid=" not in ln]
+    assert not [ln for ln in ours if "Traceback" in ln], console[-3000:]
     assert load_checkpoint(tmp_path / "o").model_name == "classifier"
 
 
