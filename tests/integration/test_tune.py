@@ -164,7 +164,8 @@ def test_asha_optuna_search_exports_a_servable_best_checkpoint(archive, spaces, 
     capsys.readouterr()
     assert main(args) == 0
     err = capsys.readouterr().err
-    assert "resuming experiment tune-classifier" in err and "(6 of 6 trials done" in err
+    assert "resuming the search: experiment tune-classifier" in err
+    assert "(6 of 6 trials done" in err
     assert _rows(out) == rows
     assert {p: p.read_text() for p in before} == before
     assert json.loads((out / "summary.json").read_text())["resumed"] is True
