@@ -64,8 +64,8 @@ def app_config(config: dict[str, Any], checkpoints: Mapping[str, str | None], *,
     """A copy of ``config`` serving ``checkpoints`` (``{family: checkpoint or None}``).
 
     Drops the applications of a model without a checkpoint, points each present model's
-    deployments at its checkpoint, applies ``args``: :data:`USER_CONFIG_KEYS` go to every model deployment's
-    ``user_config``, the rest (limits, ``api_key_file``, ...) to every application's ``args``
+    deployments at its checkpoint, applies ``args``: :data:`USER_CONFIG_KEYS` go to every model
+    deployment's ``user_config``, the rest (limits, ``api_key_file``, ...) to every application's ``args``
     (None values are ignored). With ``mount`` (e.g. ``/secure``) every route prefix moves under
     it and the applications are renamed ``<name>-<app>`` (the front becomes ``name``), so the
     result can be deployed next to the unmounted one.

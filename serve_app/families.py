@@ -2,8 +2,9 @@
 
 A family is first a model of the registry (:func:`mve.models.get_spec`: its task, its config,
 its metric); serving it adds a Serve deployment, the module that holds that deployment and its
-FastAPI ``app``, the route prefix of its ``/v1`` application and the shipped checkpoint
-``mve serve`` falls back to. Everything else (the ``--classifier``/``--vae`` flags of
+FastAPI ``app`` and the route prefix of its ``/v1`` application (the shipped checkpoint that
+``mve serve`` falls back to is found by name, :func:`mve.pretrained.default_checkpoint`).
+Everything else (the ``--classifier``/``--vae`` flags of
 ``mve serve``, ``app_config``'s checkpoints, the front's 404s for a family that is not deployed,
 its OpenAPI document, the OIP routes) is derived from this table. Serving a third family is
 its own ``serve_app/<family>_app.py``, one row here and its applications in ``config.yaml``.

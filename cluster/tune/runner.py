@@ -143,10 +143,10 @@ def _say_resuming(s: TuneSettings, store: _Store, tuner: Any) -> None:
         done = tuner.get_results().num_terminated
     except Exception:  # noqa: BLE001 - the count is a courtesy; the restore itself worked
         done = None
-    count = f"{done} of {s.samples}" if done is not None else f"? of {s.samples}"
-    print(f"resuming the search: experiment {s.name} in {store.exp_path} ({count} trials done; "
-          "finished trials are not rerun; a new --name starts a new search)", file=sys.stderr,
-          flush=True)
+    count = "?" if done is None else done
+    print(f"resuming the search: experiment {s.name} in {store.exp_path} ({count} of "
+          f"{s.samples} trials done; finished trials are not rerun; a new --name starts a new "
+          "search)", file=sys.stderr, flush=True)
 
 
 def run_search(s: TuneSettings) -> dict[str, Any]:
