@@ -6,7 +6,9 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Mapping
+import socket
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +20,50 @@ __all__ = ["init_ray", "check_gpus", "scalar_metrics", "fetch_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
+# Ray's switch for a node that is not part of a cluster (its default on macOS and Windows):
+# the node's address is 127.0.0.1, so GCS, raylets, workers' gRPC servers and the agents bind
+# loopback instead of every interface. Verified with the socket table (tests/integration/
+# test_listening_sockets.py); serve_app/embedded.py does the same for `mve serve`.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextmanager
+def _loopback_node() -> Iterator[None]:
+    """While Ray starts inside the block, its node address is loopback.
+
+    The processes ``ray.init`` starts inherit the variable (and the workers they start, from
+    them); this process read it when ``ray`` was imported, so its copy is set too. Both are
+    restored afterwards: a later ``ray start`` from this process must still be able to form
+    a cluster.
+    """
+    from ray._private import ray_constants
+
+    env = {LOOPBACK_ENV: "0"}
+    # Gloo's listeners (Ray Train's CPU process group) bind the interface of the host name
+    # unless told; rank 0's rendezvous store is cluster.torch_backend's concern.
+    loopback = [name for _, name in socket.if_nameindex() if name.startswith("lo")]
+    if loopback and "GLOO_SOCKET_IFNAME" not in os.environ:
+        env["GLOO_SOCKET_IFNAME"] = loopback[0]
+    saved_env = {k: os.environ.get(k) for k in env}
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.update(env)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None,
              num_gpus: int | None = None) -> bool:
     """Connects to ``address`` (or ``$RAY_ADDRESS``, as set for a submitted job) or starts an
-    embedded instance; True when this call started one.
+    embedded instance; True when this call started one. An embedded instance binds every
+    socket to loopback (:func:`_loopback_node`).
 
     Never calls a bare ``ray.init()``, which would join whatever cluster a previous
     ``ray start`` left behind (even a dead one whose address file remains).
@@ -37,8 +78,13 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
     # With the dashboard: Ray Train's PlacementGroupCleaner asks the State API (served by the
     # dashboard) about its controller every second, and without one it logs a warning each
     # time (300 lines in a 7-minute `make run`). It listens on loopback only.
-    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True,
-             dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+    with _loopback_node():
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
+                 include_dashboard=True, dashboard_host="127.0.0.1",
+                 logging_level=logging.WARNING)
+    if not ray.util.get_node_ip_address().startswith("127."):
+        logger.warning("this Ray's node address is %s: its control plane may listen beyond "
+                       "loopback", ray.util.get_node_ip_address())
     return True
 
 

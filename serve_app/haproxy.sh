@@ -8,6 +8,12 @@
 # there always means "not ready yet". This launcher rewrites that 404 into a 503 with
 # Retry-After (what clients retry) in the config Ray generated, then becomes the real HAProxy
 # (exec: same pid, same command line, as Ray's process checks expect).
+#
+# On an embedded `mve serve` (not on a cluster, where nothing sets them) it also moves binds
+# that Ray's template fixes at all interfaces:
+# - MVE_HAPROXY_ADMIN_HOST: the stats and Prometheus frontends (`bind *:PORT`, `bind :PORT`);
+# - MVE_HAPROXY_FRONTEND_HOST: the HTTP frontend only (`mve serve --host`), so that Serve's
+#   own HTTP host, which the replicas' direct-ingress servers bind too, can stay loopback.
 set -eu
 real="${MVE_HAPROXY_BINARY:-}"
 if [ -z "$real" ]; then
@@ -20,5 +26,13 @@ for arg in "$@"; do
 done
 if [ -n "$cfg" ] && [ -w "$cfg" ]; then
     sed -i 's/^\(\s*http-request return status\) 404 \(content-type text\/plain lf-string "Path .*\)$/\1 503 \2 hdr Retry-After 1/' "$cfg"
+    admin="${MVE_HAPROXY_ADMIN_HOST:-}"
+    if [ -n "$admin" ]; then
+        sed -i "s/^\(\s*bind \)\*\{0,1\}:\([0-9][0-9]*\)\s*$/\1$admin:\2/" "$cfg"
+    fi
+    front="${MVE_HAPROXY_FRONTEND_HOST:-}"
+    if [ -n "$front" ]; then
+        sed -i "/^frontend http_frontend/,/^[^ \t]/ s/^\(\s*bind \)[^ ]*:\([0-9][0-9]*\)/\1$front:\2/" "$cfg"
+    fi
 fi
 exec "$real" "$@"
