@@ -11,7 +11,7 @@ __all__ = ["report", "summarize"]
 
 PEERS = ("bare", "bare-batched", "litserve", "triton")  # as their users would run them
 REFERENCE = "bare-batched-opt"  # the one-process ceiling given mve's model optimization
-MVE = ("mve", "mve-old")
+MVE = ("mve", "mve-old", "mve-allthreads")
 
 
 def _median(values: list[float]) -> float | None:

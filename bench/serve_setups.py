@@ -13,7 +13,10 @@ everything it started) and is ready when its health route answers 200.
 - ``mve-old``: the data plane before the one-hop change (HTTP proxy -> FastAPI ingress
   replica -> model replica, ``@serve.batch``), the ``serve_app`` of git revision ``--old-rev``
   run by its own ``serve`` command, 1 replica per deployment;
-- ``mve``: ``mve serve`` (HAProxy -> the model replica), 1 replica per application.
+- ``mve``: ``mve serve`` (HAProxy -> the model replica), 1 replica per application;
+- ``mve-allthreads``: the same with ``--torch-threads`` at the machine's CPUs (the default
+  before it became the CPUs minus one: torch threads then share a core with the replica's
+  event loop, HAProxy and the client).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ PEER_FORMATS = {"bare": ALL_FORMATS, "bare-batched": ALL_FORMATS, "litserve": AL
 PEER_SCRIPTS = {"bare": "bare.py", "bare-batched": "bare_batched.py",
                 "litserve": "litserve_server.py", "triton": "triton_server.py",
                 "bare-batched-opt": "bare_batched.py"}
-SETUPS = (*PEER_SCRIPTS, "mve-old", "mve")
+SETUPS = (*PEER_SCRIPTS, "mve-old", "mve", "mve-allthreads")
 
 __all__ = ["SETUPS", "ALL_FORMATS", "Context", "Server", "start"]
 
@@ -210,12 +213,12 @@ def _ray_server(name: str, ctx: Context, cmd: list[str], config: dict,
     return _wait_ready(server, "/v2/health/ready")
 
 
-def _mve(ctx: Context) -> Server:
+def _mve(ctx: Context, name: str = "mve", extra: tuple[str, ...] = ()) -> Server:
     sys.path.insert(0, str(REPO))
     from serve_app.deploy import load_config
 
     mve = Path(ctx.python).with_name("mve")
-    return _ray_server("mve", ctx, [str(mve)], load_config(), ["--tta", ctx.tta])
+    return _ray_server(name, ctx, [str(mve)], load_config(), ["--tta", ctx.tta, *extra])
 
 
 def extract_old_tree(rev: str, work: Path) -> Path:
@@ -244,6 +247,8 @@ def start(name: str, ctx: Context) -> Server:
     """Starts setup ``name`` and waits until it is ready."""
     if name == "mve":
         return _mve(ctx)
+    if name == "mve-allthreads":
+        return _mve(ctx, name, ("--torch-threads", str(os.cpu_count() or 1)))
     if name == "mve-old":
         return _mve_old(ctx)
     return _peer(name, ctx)

@@ -65,8 +65,8 @@ def serve_parent() -> argparse.ArgumentParser:
                              "while none is queued (0: greedy, the default)")
     tuning.add_argument("--torch-threads", type=int,
                         help="torch threads per model replica (default: the embedded Ray's "
-                             "CPUs, so one replica can use the machine; with --address, "
-                             "Ray's: 1 per CPU the replica reserves)")
+                             "CPUs minus one, at least 1, leaving a core to request handling; "
+                             "with --address, Ray's: 1 per CPU the replica reserves)")
     return p
 
 
@@ -219,7 +219,10 @@ def _app_config(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"API key file {key_file} does not exist")
     threads = args.torch_threads
     if threads is None and local:  # a replica reserves a fraction of a CPU: Ray would give 1
-        threads = args.num_cpus or os.cpu_count() or 1
+        # One core fewer than the machine's: the replica's event loop (HTTP, decoding), HAProxy
+        # and Ray need one, and torch threads that share it spin-wait in OpenMP (on 2 cores, 1
+        # thread served more requests at a third less CPU per request: BENCHMARKS.md).
+        threads = max(1, (args.num_cpus or os.cpu_count() or 1) - 1)
     checkpoints = {kind: _local_path(getattr(args, kind), check=local) for kind in SERVED}
     # Embedded: Serve (and so every replica) binds loopback; HAProxy takes --host (dataplane).
     host = "127.0.0.1" if local else args.host
