@@ -43,7 +43,9 @@ class DrainUnreadBody:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         has_body, declared = _expects_body(scope)
-        state = {"done": not has_body, "read": 0}
+        if not has_body:  # nothing to drain: no wrappers on the request's path
+            return await self.app(scope, receive, send)
+        state = {"done": False, "read": 0}
 
         async def tracked_receive() -> dict:
             message = await receive()

@@ -221,7 +221,7 @@ def _app_config(args: argparse.Namespace) -> dict[str, Any]:
     if threads is None and local:  # a replica reserves a fraction of a CPU: Ray would give 1
         # One core fewer than the machine's: the replica's event loop (HTTP, decoding), HAProxy
         # and Ray need one, and torch threads that share it spin-wait in OpenMP (on 2 cores, 1
-        # thread served more requests at a third less CPU per request: BENCHMARKS.md).
+        # thread served more requests at 16-51% less CPU per request: BENCHMARKS.md).
         threads = max(1, (args.num_cpus or os.cpu_count() or 1) - 1)
     checkpoints = {kind: _local_path(getattr(args, kind), check=local) for kind in SERVED}
     # Embedded: Serve (and so every replica) binds loopback; HAProxy takes --host (dataplane).

@@ -7,7 +7,6 @@ checkpoint with CIFAR-10 class names and preprocessing, in well under a second.
 from __future__ import annotations
 
 import io
-import socket
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from PIL import Image
 
 from mve.checkpoint import save_checkpoint
 from mve.models import build_model, make_config
+from serve_app.dataplane import free_port  # one definition; re-exported for tests
 
 __all__ = ["CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "SMALL_CLASSIFIER", "free_port",
            "make_classifier", "make_vae", "png_bytes", "random_images", "archive_images",
@@ -40,13 +40,6 @@ class ServedApp:
 
 
 SMALL_CLASSIFIER = {"cnn_layers": 3, "final_channels": 32, "fcn_layers": 2, "num_classes": 10}
-
-
-def free_port() -> int:
-    """An unused TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_classifier(path: str | Path, *, seed: int = 0, values: dict[str, Any] | None = None,
