@@ -9,15 +9,11 @@ extracted; CIFAR pickles are read with an unpickler that only reconstructs numpy
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import pickle
 import posixpath
 import sys
-import tarfile
-import zipfile
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +23,8 @@ import torch
 from PIL import Image
 
 from mve.data import cache as _cache
-from mve.errors import UserError
+from mve.data.archives import archive_type, iter_archive
+from mve.data.errors import DataError
 
 __all__ = ["DataError", "IMAGE_EXTENSIONS", "RawDataset", "SOURCE_KINDS", "detect_source",
            "load_source"]
@@ -44,10 +41,6 @@ _EXPECTED = ("a CIFAR-10 python release (cifar-10-batches-py), a CIFAR-10 binary
              "(cifar-10-batches-bin) or an image-folder tree <root>/<class>/<image> or "
              "<root>/{train,test}/<class>/<image> with " + "/".join(sorted(IMAGE_EXTENSIONS))
              + " images, as a directory or a .tar.gz/.tgz/.tar/.zip archive")
-
-
-class DataError(UserError):
-    """A data source is missing, unsupported, corrupt or inconsistent."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,56 +75,6 @@ class _Layout:
 
 
 # ----------------------------------------------------------------------------- reading files
-def _archive_type(path: Path) -> str | None:
-    name = path.name.lower()
-    if name.endswith((".tar.gz", ".tgz")):
-        return "tar.gz"
-    return "tar" if name.endswith(".tar") else "zip" if name.endswith(".zip") else None
-
-
-@contextlib.contextmanager
-def _archive_errors(path: Path) -> Iterator[None]:
-    try:
-        yield
-    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
-        raise DataError(f"cannot read archive {path}: corrupt or truncated? "
-                        f"({type(e).__name__}: {e})") from e
-
-
-def _clean(name: str) -> str | None:
-    """Normalise an archive member name; None for junk (hidden, __MACOSX, outside the root)."""
-    name = posixpath.normpath(name.replace("\\", "/")).lstrip("/")
-    parts = name.split("/")
-    if name in ("", ".") or parts[0] == ".." or any(p.startswith(".") or p == "__MACOSX"
-                                                    for p in parts):
-        return None
-    return name
-
-
-def _iter_archive(path: Path, archive: str) -> Iterator[tuple[str, Callable[[], bytes]]]:
-    """Yield ``(name, read)`` per regular archive member; ``read`` is valid until the next one."""
-
-    def reader(fn: Callable[[], bytes]) -> Callable[[], bytes]:
-        def read() -> bytes:
-            with _archive_errors(path):
-                return fn()
-        return read
-
-    with _archive_errors(path):
-        if archive == "zip":
-            with zipfile.ZipFile(path) as zf:
-                for info in zf.infolist():
-                    name = None if info.is_dir() else _clean(info.filename)
-                    if name is not None:
-                        yield name, reader(lambda info=info: zf.read(info))
-        else:
-            with tarfile.open(path, mode="r|*") as tf:
-                for m in tf:
-                    name = _clean(m.name) if m.isfile() else None
-                    if name is not None:
-                        yield name, reader(lambda m=m: tf.extractfile(m).read())
-
-
 def _list_dir(path: Path) -> dict[str, os.stat_result]:
     out = {}
     for dirpath, dirnames, filenames in os.walk(path):
@@ -195,7 +138,7 @@ def _check_path(path: str | os.PathLike) -> tuple[Path, str | None]:
         raise DataError(f"data path {p} does not exist; expected {_EXPECTED}")
     if p.is_dir():
         return p, None
-    archive = _archive_type(p)
+    archive = archive_type(p)
     if archive is None:
         raise DataError(f"data path {p} is a file but not a .tar.gz/.tgz/.tar/.zip archive; "
                         f"expected {_EXPECTED}")
@@ -206,7 +149,7 @@ def _locate(p: Path, archive: str | None) -> tuple[_Layout, dict[str, os.stat_re
     if archive is None:
         stats = _list_dir(p)
         return _find_layout(sorted(stats), p, None), stats
-    return _find_layout([n for n, _ in _iter_archive(p, archive)], p, archive), None
+    return _find_layout([n for n, _ in iter_archive(p, archive)], p, archive), None
 
 
 def detect_source(path: str | os.PathLike) -> tuple[str, str | None]:
@@ -302,7 +245,7 @@ def _iter_files(p: Path, layout: _Layout) -> Iterator[tuple[str, Callable[[], by
         for name in sorted(wanted):
             yield name, (p / name).read_bytes
     else:
-        yield from ((n, r) for n, r in _iter_archive(p, layout.archive) if n in wanted)
+        yield from ((n, r) for n, r in iter_archive(p, layout.archive) if n in wanted)
 
 
 def _decode_image(data: bytes, name: str, size: int | None) -> np.ndarray:

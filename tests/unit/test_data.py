@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import multiprocessing
@@ -253,6 +254,48 @@ def test_corrupt_archives(fake: dict, tmp_path: Path) -> None:
         with pytest.raises(DataError, match="corrupt|cannot decode") as info:
             load_source(tmp_path / name, use_cache=False)
         assert name in str(info.value) and info.value.__cause__ is not None
+
+
+def _tar_cut_after_members(src: Path, keep: int) -> bytes:
+    """The bytes of an uncompressed tar of ``src`` that stop right after its ``keep``-th file:
+    a truncation that lands between two members, which tarfile alone reads as a clean end."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for p in sorted(q for q in src.rglob("*") if q.is_file()):
+            tf.add(p, p.relative_to(src).as_posix())
+    with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as tf:
+        members = tf.getmembers()
+    m = members[keep - 1]
+    return buf.getvalue()[: m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE]
+
+
+@pytest.mark.parametrize("cut", ["between-members", "inside-header"])
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz"])
+def test_truncated_tar_is_an_error_not_a_smaller_dataset(fake: dict, tmp_path: Path, cut: str,
+                                                         suffix: str) -> None:
+    # Cut after every test/ image and half the train/ ones: what is left is a valid-looking tree.
+    blob = _tar_cut_after_members(fake["train_test"], keep=len(CLASSES) * PER_CLASS * 3 // 2)
+    blob += b"ustar-garbage" * 10 if cut == "inside-header" else b""
+    path = tmp_path / f"cut{suffix}"
+    path.write_bytes(gzip.compress(blob) if suffix == ".tar.gz" else blob)
+    with pytest.raises(DataError, match="corrupt or truncated") as info:
+        load_source(path, use_cache=False)
+    assert path.name in str(info.value)
+
+
+def test_tar_gz_with_a_bad_crc_is_an_error(fake: dict, tmp_path: Path) -> None:
+    blob = bytearray(fake["tgz"].read_bytes())
+    blob[-8] ^= 0xFF  # the gzip trailer's CRC32: every member decompresses, the check fails
+    (tmp_path / "crc.tar.gz").write_bytes(bytes(blob))
+    with pytest.raises(DataError, match="corrupt or truncated"):
+        load_source(tmp_path / "crc.tar.gz", use_cache=False)
+
+
+def test_compressed_tar_named_dot_tar_still_reads(fake: dict, tmp_path: Path) -> None:
+    (tmp_path / "flat.tar").write_bytes(gzip.compress(fake["tar"].read_bytes()))
+    ref = load_source(fake["tar"], use_cache=False)
+    got = load_source(tmp_path / "flat.tar", use_cache=False)
+    assert torch.equal(got.images, ref.images) and torch.equal(got.labels, ref.labels)
 
 
 def test_undecodable_image(fake: dict, tmp_path: Path) -> None:
