@@ -33,7 +33,7 @@ from mve.models import config_to_dict, get_spec, make_config
 
 __all__ = [
     "ConfigError", "DataConfig", "OptimConfig", "TrainConfig", "RECIPES", "DEFAULT_RECIPE", "load_train_config", "read_yaml",
-    "parse_overrides", "deep_merge",
+    "parse_overrides", "deep_merge", "RECIPE_NOTES",
 ]
 
 
@@ -252,6 +252,27 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 DEFAULT_RECIPE = {"classifier": "fast", "vae": "default"}
+
+# What each recipe is for and the budget it expects: `mve models` prints these lines.
+RECIPE_NOTES: dict[str, dict[str, str]] = {
+    "classifier": {
+        "fast": "airbench-style, 10 epochs at batch 1024 (at least 40 steps an epoch); >= 90% "
+                "on the full 45,000 images",
+        "best": "fast for 40 epochs with 4-px translate and cutout: the shipped checkpoint "
+                "(91.4%); a GPU budget",
+        "seed": "the research note's network and recipe (Adam, batch 125, no augmentation), "
+                "kept as the reference",
+        "baseline": "the note's network with SGD one-cycle, 30 epochs at batch 128: small, "
+                    "generic, any data size",
+    },
+    "vae": {
+        "default": "the SD-style autoencoder (latent 8x8x4, MSE, KL 0.01), 30 epochs at batch "
+                   "128; a GPU budget",
+        "sd": "the shipped models/cifar10-vae: default for 40 epochs at batch 256 (GPU)",
+        "elbo": "the earlier ELBO model: latent 8x8x8, discretised-Gaussian likelihood, beta 1",
+        "tiny": "a 16-channel VAE for 2 epochs at batch 32, for smoke tests",
+    },
+}
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:

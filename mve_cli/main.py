@@ -24,6 +24,7 @@ from mve.errors import UserError, run_command
 from mve.logs import setup_logging
 from mve.options import train_parent
 from mve_cli import evaluate, inspect
+from mve_cli.models import models_parent
 from serve_app.cli import generate_parent, predict_parent
 from serve_app.embedded import serve_parent
 
@@ -55,7 +56,12 @@ _COMMANDS: dict[str, tuple[str, Callable[[], argparse.ArgumentParser], str, str 
               "Serve a classifier and/or VAE checkpoint with Ray Serve (embedded local Ray or "
               "--address) and print the URL; Ctrl-C stops it."),
     "predict": ("serve_app.cli:predict_command", predict_parent,
-                "classify images through a running server", None),
+                "classify images: in this process, or via a server with --url",
+                "Print the top-k classes of each image. Without --url (or $MVE_URL) the "
+                "classifier runs in this process (--classifier, default the shipped "
+                "cifar10-classifier); with --url a running `mve serve` answers."),
+    "models": ("mve_cli.models:models", models_parent,
+               "list the shipped models (with their metrics) and the training presets", None),
     "generate": ("serve_app.cli:generate_command", generate_parent,
                  "VAE samples, variations, interpolations (--vae DIR, or a server)",
                  "Write a PNG grid (sample, variations) or strip (interpolate). With --vae DIR "

@@ -1,19 +1,22 @@
 """``mve serve``, ``mve predict`` and ``mve generate``.
 
     mve serve --classifier runs/clf --vae runs/vae --port 8000 --metrics-port 8080
+    mve predict cat.png dog.jpg --top-k 3                    # in this process, no server
     mve predict cat.png dog.jpg --top-k 3 --url http://127.0.0.1:8000
     mve generate --n 16 --temperature 0.8 --seed 0 --out grid.png          # via a server
     mve generate --vae models/cifar10-vae --mode variations --image cat.png --out var.png
 
 Also runnable without the ``mve`` command: ``python -m serve_app.cli serve --classifier runs/clf``.
 The ``*_parent`` functions (argparse parent parsers) use argparse only; ``serve_command`` imports Ray when it
-runs, ``predict_command``/``generate_command`` never do (they use :mod:`serve_app.client`).
+runs, ``predict_command``/``generate_command`` never do: they run the model in this process
+(:mod:`mve.api`) or ask a server (:mod:`serve_app.client`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +24,7 @@ from typing import Any
 
 from mve.atomic import write_bytes
 from mve.errors import UserError, run_command
+from mve.inference import SERVING_TTA
 from serve_app.embedded import apply_default_models, serve_command, serve_parent
 
 __all__ = ["serve_parent", "predict_parent", "generate_parent",
@@ -39,7 +43,16 @@ def predict_parent() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
     p.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
-    p.add_argument("--json", action="store_true", help="print the server's JSON answer")
+    p.add_argument("--json", action="store_true", help="print the JSON answer (the server's "
+                   "/v1/classify shape, also when run locally)")
+    p.add_argument("--classifier", metavar="DIR|NAME",
+                   help="classify in this process with this checkpoint (a directory, URI or "
+                        "shipped name; 'default' means cifar10-classifier). The default when "
+                        "neither --url nor $MVE_URL is given")
+    p.add_argument("--tta", choices=["none", "flip", "flip_translate"],
+                   help=f"local only: test-time augmentation (default {SERVING_TTA}, as the "
+                        "server's)")
+    p.add_argument("--device", default="cpu", help="local only: cpu, cuda, ... (default cpu)")
     _client_options(p)
     return p
 
@@ -85,15 +98,41 @@ def _client(args: argparse.Namespace) -> Any:
     return MveClient(args.url, api_key=key, timeout=args.timeout)
 
 
-def predict_command(args: argparse.Namespace) -> int:
-    """Prints the top-k classes of each image."""
+def _predict_local(args: argparse.Namespace) -> dict[str, Any]:
+    from mve.api import Classifier, load
+
+    name = "cifar10-classifier" if args.classifier in (None, "default") else args.classifier
+    clf = load(name, device=args.device, tta=args.tta or SERVING_TTA)
+    if not isinstance(clf, Classifier):
+        raise UserError(f"{name} is a {clf.kind} checkpoint, not a classifier")
+    return {"model": "classifier", "checkpoint_id": clf.checkpoint_id,
+            "predictions": clf.top_k_dicts(list(args.images), args.top_k)}
+
+
+def _predict_remote(args: argparse.Namespace) -> dict[str, Any]:
     blobs = []
     for name in args.images:
         try:
             blobs.append(Path(name).read_bytes())
         except OSError as exc:
             raise UserError(f"cannot read {name}: {exc}") from None
-    out = _client(args).classify(blobs, top_k=args.top_k)  # a ClientError is a UserError
+    return _client(args).classify(blobs, top_k=args.top_k)  # a ClientError is a UserError
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    """Prints the top-k classes of each image: in this process, or from a server with --url."""
+    remote = bool(args.url or os.environ.get("MVE_URL"))
+    if args.top_k < 1:
+        raise UserError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.classifier and args.url:
+        raise UserError("--classifier runs the model here and --url asks a server: pass one")
+    if remote and not args.classifier:
+        if args.tta or args.device != "cpu":
+            raise UserError("--tta and --device apply to a local model; a server uses its own "
+                            "(mve serve --tta)")
+        out = _predict_remote(args)
+    else:
+        out = _predict_local(args)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -130,41 +169,20 @@ def generate_local(vae: str, mode: str, n: int, blobs: list[bytes], *, temperatu
     """PNG bytes of a sample/variations grid or an interpolation strip from a local VAE."""
     import math
 
-    from mve.checkpoint import load_checkpoint
-    from mve.models import get_spec
-    from serve_app.errors import ApiError
-    from serve_app.images import decode_image, encode_png, make_grid, preprocess, to_uint8_hwc
-    from serve_app.schemas import Limits
+    from mve.api import Generator, load
+    from mve.images import encode_png, make_grid
 
-    if vae == "default":
-        from mve.pretrained import default_vae, missing_message
-
-        found = default_vae()
-        if found is None:
-            raise UserError(missing_message("vae"))
-        vae = str(found)
-    ckpt = load_checkpoint(vae, device=device)
-    if get_spec(ckpt.model_name).task != "generation":
-        raise UserError(f"{vae} is a {ckpt.model_name} checkpoint, not a VAE")
-    model, prep = ckpt.model, ckpt.preprocessing
-    try:
-        arrays = [decode_image(b, Limits(), index=i) for i, b in enumerate(blobs)]
-    except ApiError as exc:
-        raise UserError(exc.message) from None
-    x = preprocess(arrays, prep).to(device) if arrays else None
-    try:
-        if mode == "sample":
-            y = model.sample(n, temperature=temperature, seed=seed, prior=prior)
-            nrow = math.ceil(math.sqrt(n))
-        elif mode == "variations":
-            y = model.variations(x[0], n, temperature=temperature, seed=seed)
-            nrow = math.ceil(math.sqrt(n))
-        else:
-            y = model.interpolate(x[0], x[1], n, method=method)
-            nrow = n
-    except ValueError as exc:  # e.g. --prior gmm on a checkpoint without a fitted prior
-        raise UserError(str(exc)) from None
-    return encode_png(make_grid(to_uint8_hwc(y, prep), nrow=nrow))
+    model = load("cifar10-vae" if vae == "default" else vae, device=device)
+    if not isinstance(model, Generator):
+        raise UserError(f"{vae} is a {model.kind} checkpoint, not a VAE")
+    if mode == "sample":
+        y = model.sample(n, temperature=temperature, seed=seed, prior=prior)
+    elif mode == "variations":
+        y = model.variations(blobs[0], n, temperature=temperature, seed=seed)
+    else:
+        y = model.interpolate(blobs[0], blobs[1], n, method=method)
+    nrow = n if mode == "interpolate" else math.ceil(math.sqrt(n))
+    return encode_png(make_grid(y.permute(0, 2, 3, 1).numpy(), nrow=nrow))
 
 
 def generate_command(args: argparse.Namespace) -> int:
@@ -196,7 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serve_app.cli")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", parents=[serve_parent()], help="serve checkpoints over HTTP")
-    sub.add_parser("predict", parents=[predict_parent()], help="classify images via a server")
+    sub.add_parser("predict", parents=[predict_parent()], help="classify images (locally or "
+                   "via a server)")
     sub.add_parser("generate", parents=[generate_parent()], help="VAE samples via a server")
     args = parser.parse_args(argv)
     commands = {"serve": serve_command, "predict": predict_command, "generate": generate_command}

@@ -1,4 +1,4 @@
-"""Safe image decoding with limits, base64, PNG encoding and the checkpoint's preprocessing.
+"""Safe decoding of untrusted image bytes under the server's limits, and base64.
 
 Decoding is defensive: only PNG and JPEG decoders run (``Image.open(formats=...)``), the
 header-declared size is checked against ``max_image_pixels`` *before* any pixel data is
@@ -14,25 +14,19 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import math
 import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile
 
-from mve.data import denormalize_to_uint8, normalize
+from mve.images import FORMATS
 from serve_app.errors import ApiError
 from serve_app.schemas import Limits
 
-__all__ = [
-    "FORMATS", "harden_pillow", "decode_image", "decode_images", "decode_base64",
-    "encode_png", "make_grid", "preprocess", "to_uint8_hwc", "input_size",
-]
+__all__ = ["harden_pillow", "decode_image", "decode_images", "decode_base64"]
 
-FORMATS = ("PNG", "JPEG")
 _PILLOW_PIXEL_CAP = 32 * 1024 * 1024  # Pillow warns above this and raises above 2x
 _DATA_URL = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
 
@@ -106,56 +100,3 @@ def decode_base64(text: Any, *, index: int = 0) -> bytes:
         return base64.b64decode(s, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(400, "invalid_base64", f"image {index} is not valid base64") from None
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """``uint8 [H, W, 3]`` -> PNG bytes."""
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image), mode="RGB").save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def make_grid(images: np.ndarray, *, nrow: int | None = None, pad: int = 2) -> np.ndarray:
-    """Tiles ``uint8 [N, H, W, 3]`` into one image on a white background."""
-    n, h, w, _ = images.shape
-    ncol = max(1, min(n, nrow or math.ceil(math.sqrt(n))))
-    rows = math.ceil(n / ncol)
-    grid = np.full((rows * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for i in range(n):
-        r, c = divmod(i, ncol)
-        y, x = pad + r * (h + pad), pad + c * (w + pad)
-        grid[y:y + h, x:x + w] = images[i]
-    return grid
-
-
-def input_size(preprocessing: dict[str, Any]) -> tuple[int, int]:
-    """``(H, W)`` from a checkpoint's preprocessing (an int means a square)."""
-    size = preprocessing["input_size"]
-    if isinstance(size, int):
-        return size, size
-    h, w = (int(v) for v in size)
-    return h, w
-
-
-def preprocess(images: Sequence[np.ndarray], preprocessing: dict[str, Any]) -> torch.Tensor:
-    """RGB ``uint8 [H, W, 3]`` arrays of any size -> the model's float input ``[N, 3, H, W]``.
-
-    Applies the checkpoint's own preprocessing: bilinear resize to ``input_size`` (as the
-    training data pipeline does; images already at that size are untouched), ``/255`` and
-    ``(x - mean) / std``.
-    """
-    h, w = input_size(preprocessing)
-    batch = np.empty((len(images), h, w, 3), dtype=np.uint8)
-    for i, arr in enumerate(images):
-        if arr.shape[:2] != (h, w):
-            arr = np.asarray(Image.fromarray(arr).resize((w, h), Image.Resampling.BILINEAR))
-        batch[i] = arr
-    x = torch.from_numpy(batch).permute(0, 3, 1, 2)
-    return normalize(x, preprocessing["mean"], preprocessing["std"])
-
-
-def to_uint8_hwc(x: torch.Tensor, preprocessing: dict[str, Any]) -> np.ndarray:
-    """Model-space ``[N, 3, H, W]`` -> ``uint8 [N, H, W, 3]`` by inverting the preprocessing."""
-    pixels = denormalize_to_uint8(x.detach().float().cpu(), preprocessing["mean"],
-                                  preprocessing["std"])
-    return pixels.permute(0, 2, 3, 1).contiguous().numpy()

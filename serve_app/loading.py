@@ -7,18 +7,16 @@ for MinIO) into a temporary directory, loads it with :func:`mve.checkpoint.load_
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from mve.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from mve.errors import UserError
+from mve.images import input_size
 from mve.inference import for_inference
 from mve.models import get_spec
-from serve_app.images import input_size
+from mve.storage import local_directory
 
 __all__ = ["LoadedModel", "load_model"]
 
@@ -45,38 +43,14 @@ class LoadedModel:
         return list(names) if names else []
 
 
-def _local_copy(source: str) -> tuple[Path, Path | None]:
-    """A local directory for a path, ``file://`` URI or pyarrow-readable URI (s3://, gs://)."""
-    parsed = urlparse(source)
-    if parsed.scheme in ("", "file"):
-        return Path(parsed.path if parsed.scheme else source).expanduser(), None
-    import pyarrow.fs as pafs
-
-    from mve.storage import resolve_storage
-
-    path, fs = resolve_storage(source)
-    if fs is None:
-        fs, path = pafs.FileSystem.from_uri(source)
-    tmp = Path(tempfile.mkdtemp(prefix="mve-ckpt-"))
-    try:
-        (tmp / "ckpt").mkdir()  # copy_files does not create a missing local destination
-        pafs.copy_files(path, str(tmp / "ckpt"), source_filesystem=fs,
-                        destination_filesystem=pafs.LocalFileSystem())
-    except Exception as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot fetch checkpoint {source}: {exc}") from None
-    return tmp / "ckpt", tmp
-
-
 def load_model(source: str, kind: str) -> LoadedModel:
     """Loads and checks a checkpoint of model family ``kind`` (blocking; call in a thread)."""
-    path, tmp = _local_copy(source)
     try:
-        ckpt = load_checkpoint(path, device="cpu")
-        for_inference(ckpt.model)  # channels-last weights: ~2x faster CPU convolutions
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with local_directory(source) as path:
+            ckpt = load_checkpoint(path, device="cpu")
+    except UserError as exc:
+        raise CheckpointError(str(exc)) from None
+    for_inference(ckpt.model)  # channels-last weights: ~2x faster CPU convolutions
     if ckpt.model_name != kind:
         raise CheckpointError(f"{source} holds a {ckpt.model_name!r} model, not a {kind!r}")
     if get_spec(kind).task == "classification":

@@ -27,11 +27,12 @@ import torch
 from pydantic import ValidationError
 from ray import serve
 
+from mve.images import input_size, preprocess
 from serve_app.api import setup_replica
 from serve_app.batching import GreedyBatcher
 from serve_app.errors import ApiError
 from serve_app.families import served
-from serve_app.images import decode_images, input_size, preprocess
+from serve_app.images import decode_images
 from serve_app.loading import LoadedModel, load_model
 from serve_app.metrics import ModelMetrics
 from serve_app.oip import InferRequest

@@ -25,9 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from mve.images import input_size
 from mve.models import get_spec
 from serve_app.errors import ApiError
-from serve_app.images import decode_base64, input_size
+from serve_app.images import decode_base64
 from serve_app.schemas import Limits
 
 __all__ = [

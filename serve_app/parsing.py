@@ -23,8 +23,10 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from mve.images import encode_png, make_grid
+from mve.inference import top_k
 from serve_app.errors import ApiError
-from serve_app.images import decode_base64, encode_png, make_grid
+from serve_app.images import decode_base64
 from serve_app.schemas import ImagesResponse, Limits
 
 __all__ = ["read_body", "parse_images", "parse_params", "validate", "check_count", "wants_json",
@@ -178,15 +180,9 @@ def classify_body(probs: np.ndarray, class_names: list[str], k: int,
                   checkpoint_id: str) -> bytes:
     """The ``/v1/classify`` JSON (:class:`~serve_app.schemas.ClassifyResponse`'s shape), built
     without pydantic: on the hot path, response validation costs more than the answer."""
-    k = min(k, probs.shape[1])
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    preds = []
-    for row, idx in zip(probs.tolist(), order.tolist(), strict=True):
-        top = [{"label": class_names[i], "index": i, "probability": row[i]} for i in idx]
-        preds.append({"label": top[0]["label"], "probability": top[0]["probability"],
-                      "top_k": top})
     return json.dumps({"model": "classifier", "checkpoint_id": checkpoint_id,
-                       "predictions": preds}, separators=(",", ":")).encode()
+                       "predictions": top_k(probs, class_names, k)},
+                      separators=(",", ":")).encode()
 
 
 def render_images(images: np.ndarray, checkpoint_id: str, *, as_json: bool,

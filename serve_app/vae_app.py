@@ -15,10 +15,10 @@ import torch
 from fastapi import Request
 from starlette.responses import Response
 
+from mve.images import preprocess, to_uint8_hwc
 from serve_app import parsing as P
 from serve_app.api import ERRORS, PNG_RESPONSES, current_server, image_body, new_app
 from serve_app.errors import ApiError
-from serve_app.images import preprocess, to_uint8_hwc
 from serve_app.loading import LoadedModel
 from serve_app.model_server import ModelServer, model_ingress
 from serve_app.schemas import (

@@ -129,10 +129,10 @@ class VAE(nn.Module):
         self._progress = 1.0  # fraction of training done; set by the trainer for KL annealing
         self.set_perceptual(None)  # the perceptual loss's feature network, injected by the trainer
         n_params = sum(p.numel() for p in self.parameters())
-        logger.info("VAE plan: %d levels, channels %s, latent %s (f=%d), attention=%s, "
-                    "likelihood=%s, %.2fM params", config.num_levels, list(config.channels),
-                    config.latent_shape, config.downsample_factor, config.attention,
-                    config.likelihood, n_params / 1e6)
+        logger.debug("VAE plan: %d levels, channels %s, latent %s (f=%d), attention=%s, "
+                     "likelihood=%s, %.2fM params", config.num_levels, list(config.channels),
+                     config.latent_shape, config.downsample_factor, config.attention,
+                     config.likelihood, n_params / 1e6)
 
     # -- training objective levers ---------------------------------------------------------
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from _readme import python_example  # tests/integration/_readme.py
 from PIL import Image
 
 from serve_app.testing import (
@@ -113,6 +114,25 @@ def test_predict_and_generate_commands(served: Served) -> None:
     assert bad.returncode == 2 and "cannot read" in bad.stderr
     down = _cli("predict", str(a), "--url", "http://127.0.0.1:9", check=False)
     assert down.returncode == 2 and "cannot reach" in down.stderr
+
+
+def test_readme_python_example_prints_the_servers_top1(served: Served) -> None:
+    """The README's `mve.load` example, run as written on the served checkpoints (found through
+    $MVE_DEFAULT_*), prints for cat.jpg the top-1 that `mve predict --url` gets from the server."""
+    work = served.tmp / "example"
+    work.mkdir(exist_ok=True)
+    for name, seed in (("cat.jpg", 21), ("dog.jpg", 22)):
+        (work / name).write_bytes(png_bytes(random_images(1, size=48, seed=seed)[0], "JPEG"))
+    env = {**os.environ, "MVE_DEFAULT_CLASSIFIER": str(served.tmp / "clf"),
+           "MVE_DEFAULT_VAE": str(served.tmp / "vae")}
+    local = subprocess.run([sys.executable, "-c", python_example()], cwd=work, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0, local.stderr[-3000:]
+    line = next(ln for ln in local.stdout.splitlines() if ln.startswith("cat.jpg: "))
+    label, pct = line.split()[1:3]
+    remote = _cli("predict", str(work / "cat.jpg"), "--url", served.url, "--top-k", "1")
+    r_label, r_pct = remote.stdout.split(": ", 1)[1].split()
+    assert (label, pct) == (r_label, r_pct), (local.stdout, remote.stdout)
 
 
 def test_mve_metrics_on_the_metrics_port(served: Served) -> None:

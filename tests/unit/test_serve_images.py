@@ -14,16 +14,10 @@ import torch
 from PIL import Image
 
 from mve.data import normalize
+from mve.images import make_grid, preprocess, to_uint8_hwc
 from serve_app import oip
 from serve_app.errors import ApiError
-from serve_app.images import (
-    decode_base64,
-    decode_image,
-    decode_images,
-    make_grid,
-    preprocess,
-    to_uint8_hwc,
-)
+from serve_app.images import decode_base64, decode_image, decode_images
 from serve_app.parsing import classify_body
 from serve_app.schemas import ClassifyResponse, Limits
 from serve_app.testing import png_bytes, random_images

@@ -113,7 +113,7 @@ def test_channel_mult_list_becomes_tuple_and_replace_works():
 
 
 def test_forward_shapes_train_and_eval(caplog):
-    with caplog.at_level(logging.INFO, logger="mve.models.vae"):
+    with caplog.at_level(logging.DEBUG, logger="mve.models.vae"):
         m = VAE(tiny())
     assert any("VAE plan" in r.getMessage() for r in caplog.records)
     x = images(3)
