@@ -59,6 +59,9 @@ def serve_parent() -> argparse.ArgumentParser:
     tuning.add_argument("--tta", choices=["none", "flip", "flip_translate"],
                         help="classifier test-time augmentation: flip (the default) costs 2x "
                              "the compute of none, flip_translate 6x (see BENCHMARKS.md)")
+    tuning.add_argument("--replicas", action="append", metavar="N|MODEL=N",
+                        help="a fixed number of replicas per model instead of autoscaling "
+                             "(1-2): N for every model, or e.g. classifier=3 (repeatable)")
     tuning.add_argument("--max-batch-size", type=int, help="images per forward pass (32)")
     tuning.add_argument("--batch-wait-timeout-s", type=float,
                         help="how long a batch that is not full may wait for more requests "
@@ -211,7 +214,7 @@ def _app_config(args: argparse.Namespace) -> dict[str, Any]:
     if not any(getattr(args, kind) for kind in SERVED):
         flags = " and/or ".join(f"--{kind} DIR" for kind in SERVED)
         raise UserError(f"give {flags} (no shipped default checkpoints under models/)")
-    from serve_app.deploy import app_config, load_config
+    from serve_app.deploy import app_config, fixed_replicas, load_config
 
     key_file = str(Path(args.api_key_file).expanduser().resolve()) if args.api_key_file else None
     local = args.address is None
@@ -226,10 +229,28 @@ def _app_config(args: argparse.Namespace) -> dict[str, Any]:
     checkpoints = {kind: _local_path(getattr(args, kind), check=local) for kind in SERVED}
     # Embedded: Serve (and so every replica) binds loopback; HAProxy takes --host (dataplane).
     host = "127.0.0.1" if local else args.host
-    return app_config(load_config(args.config), checkpoints, host=host, port=args.port,
-                      api_key_file=key_file, max_batch_size=args.max_batch_size,
-                      batch_wait_timeout_s=args.batch_wait_timeout_s, tta=args.tta,
-                      torch_threads=threads)
+    config = app_config(load_config(args.config), checkpoints, host=host, port=args.port,
+                        api_key_file=key_file, max_batch_size=args.max_batch_size,
+                        batch_wait_timeout_s=args.batch_wait_timeout_s, tta=args.tta,
+                        torch_threads=threads)
+    for model, n in replica_counts(args.replicas).items():
+        config = fixed_replicas(config, n, model=model)
+    return config
+
+
+def replica_counts(specs: list[str] | None) -> dict[str, int]:
+    """``--replicas`` values (``N`` or ``MODEL=N``) -> replicas per model; later ones win."""
+    out: dict[str, int] = {}
+    for spec in specs or []:
+        model, _, count = spec.rpartition("=")
+        models = [model] if model else list(SERVED)
+        if model and model not in SERVED:
+            raise UserError(f"--replicas {spec}: unknown model {model!r}; models: "
+                            f"{', '.join(SERVED)}")
+        if not count.isdigit() or int(count) < 1:
+            raise UserError(f"--replicas {spec}: the count must be a whole number >= 1")
+        out.update(dict.fromkeys(models, int(count)))
+    return out
 
 
 def _deploy_and_announce(config: dict[str, Any], args: argparse.Namespace,

@@ -105,3 +105,29 @@ def test_embedded_env_takes_free_ports_and_keeps_user_overrides(monkeypatch) -> 
     with applied(DATAPLANE_ENV):
         assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     assert "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ
+
+
+def test_replicas_flag_pins_the_model_deployments_only(tmp_path) -> None:
+    import argparse
+
+    from mve.errors import UserError
+    from serve_app.embedded import _app_config, replica_counts, serve_parent
+    from serve_app.testing import make_classifier, make_vae
+
+    clf, vae = make_classifier(tmp_path / "c"), make_vae(tmp_path / "v")
+    parse = argparse.ArgumentParser(parents=[serve_parent()]).parse_args
+    args = parse(["--classifier", str(clf), "--vae", str(vae), "--replicas", "2",
+                  "--replicas", "vae=3"])
+    counts = {}
+    for app in _app_config(args)["applications"]:
+        (dep,) = app["deployments"]
+        auto = dep.get("autoscaling_config", {})
+        counts[app["name"]] = (auto.get("min_replicas"), auto.get("max_replicas"),
+                               auto.get("initial_replicas"))
+    assert counts["classifier"] == counts["classifier-oip"] == (2, 2, 2)
+    assert counts["vae"] == counts["vae-oip"] == (3, 3, 3)
+    assert counts["mve"][2] is None  # the front keeps its autoscaling
+    assert replica_counts(None) == {}
+    for bad in ("0", "x", "gan=2", "classifier=-1"):
+        with pytest.raises(UserError, match="--replicas"):
+            replica_counts([bad])
