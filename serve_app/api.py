@@ -72,7 +72,8 @@ def _route(scope: dict[str, Any]) -> str:
 
 # Routes that never need the API key: the page, the docs and the health checks. Everything else
 # (including paths added later) is protected when a key is configured.
-OPEN_PATHS = re.compile(r"^/(|static/[\w.-]+|docs|docs/oauth2-redirect|openapi\.json|redoc|v2|"
+OPEN_PATHS = re.compile(r"^/(|static/[\w.-]+|docs|docs/oauth2-redirect|docs/assets/[\w.-]+|"
+                        r"openapi\.json|redoc|v2|"
                         r"v2/health/(live|ready)|v2/models/[^/]+(/versions/[^/]+)?/ready)$")
 
 

@@ -14,6 +14,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import fastapi_offline
 from fastapi import Request
 from fastapi.openapi.docs import (
     get_redoc_html,
@@ -35,6 +36,11 @@ __all__ = ["app", "Front"]
 
 STATIC = Path(__file__).parent / "static"
 _STATIC_TYPES = {"app.js": "text/javascript", "style.css": "text/css"}
+# Swagger UI 5 and ReDoc 2 as the `fastapi-offline` package ships them (FastAPI's own pages load
+# them from a CDN, so /docs stayed blank offline; Swagger UI 4 cannot read OpenAPI 3.1).
+DOCS_ASSETS_DIR = Path(fastapi_offline.__file__).parent / "static"
+_DOCS_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css",
+                "redoc.standalone.js": "text/javascript", "favicon.png": "image/png"}
 _CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
         "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 MODEL_CALL_ATTEMPTS = 3  # a metadata call whose replica died is sent again, up to this often
@@ -149,8 +155,22 @@ async def openapi() -> JSONResponse:
 @app.get("/docs", include_in_schema=False)
 async def docs(request: Request) -> HTMLResponse:
     root = request.scope.get("root_path", "").rstrip("/")
+    assets = f"{root}/docs/assets"
     return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title=f"{app.title} - docs",
-                               oauth2_redirect_url=f"{root}/docs/oauth2-redirect")
+                               oauth2_redirect_url=f"{root}/docs/oauth2-redirect",
+                               swagger_js_url=f"{assets}/swagger-ui-bundle.js",
+                               swagger_css_url=f"{assets}/swagger-ui.css",
+                               swagger_favicon_url=f"{assets}/favicon.png")
+
+
+@app.get("/docs/assets/{name}", include_in_schema=False)
+async def docs_asset(name: str) -> Response:
+    """Swagger UI's and ReDoc's files from the installed ``fastapi-offline`` package, so the
+    docs work without the CDN that FastAPI's default pages load them from (offline, air-gapped)."""
+    if name not in _DOCS_ASSETS:
+        raise ApiError(404, "not_found", f"no docs asset {name!r}")
+    return Response(_front().docs_assets[name], media_type=_DOCS_ASSETS[name],
+                    headers={"Cache-Control": "public, max-age=86400"})
 
 
 @app.get("/docs/oauth2-redirect", include_in_schema=False)
@@ -161,7 +181,10 @@ async def docs_redirect() -> HTMLResponse:
 @app.get("/redoc", include_in_schema=False)
 async def redoc(request: Request) -> HTMLResponse:
     root = request.scope.get("root_path", "").rstrip("/")
-    return get_redoc_html(openapi_url=f"{root}/openapi.json", title=f"{app.title} - ReDoc")
+    return get_redoc_html(openapi_url=f"{root}/openapi.json", title=f"{app.title} - ReDoc",
+                          redoc_js_url=f"{root}/docs/assets/redoc.standalone.js",
+                          redoc_favicon_url=f"{root}/docs/assets/favicon.png",
+                          with_google_fonts=False)
 
 
 # Last: @serve.ingress takes the app's routes as they are when it runs.
@@ -178,6 +201,7 @@ class Front:
         self.deployed = {m: apps for m, apps in self.args.models.items() if apps}
         self.page = (STATIC / "index.html").read_text()
         self.static = {n: (STATIC / n).read_bytes() for n in _STATIC_TYPES}
+        self.docs_assets = {n: (DOCS_ASSETS_DIR / n).read_bytes() for n in _DOCS_ASSETS}
         self._handles: dict[str, Any] = {}
         setup_replica(self.args, self, front=True)
 

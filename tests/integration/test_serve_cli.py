@@ -207,8 +207,27 @@ def test_web_page_in_headless_chromium(served: Served) -> None:
         assert driver.find_element(By.ID, "error").text == ""
         png = driver.get_screenshot_as_png()
         assert Image.open(io.BytesIO(png)).size[0] > 0
+        # /docs renders from the server's own assets (this machine cannot reach a CDN)
+        driver.get(served.url + "/docs")
+        wait.until(lambda d: "mve" in d.find_element(By.CSS_SELECTOR, ".swagger-ui .title").text)
+        wait.until(lambda d: any("/v1/classify" in e.text for e in d.find_elements(
+            By.CSS_SELECTOR, ".opblock-summary-path")))
     finally:
         driver.quit()
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_load_nothing_from_elsewhere(served: Served, page: str) -> None:
+    html = requests.get(served.url + page, timeout=30).text
+    refs = re.findall(r"""(?:src|href|spec-url)=["']([^"']+)["']""", html) + re.findall(
+        r"""url: ?["']([^"']+)["']""", html)
+    assert len(refs) >= 3 and all(r.startswith("/") for r in refs), refs  # same origin only
+    for ref in refs:
+        r = requests.get(served.url + ref, timeout=30)
+        assert r.status_code == 200, ref
+    js = requests.get(served.url + "/docs/assets/swagger-ui-bundle.js", timeout=30)
+    assert js.headers["content-type"].startswith("text/javascript") and len(js.content) > 10**5
+    assert requests.get(served.url + "/docs/assets/core.py", timeout=30).status_code == 404
 
 
 def test_ctrl_c_stops_cleanly(served: Served) -> None:
