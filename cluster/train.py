@@ -39,6 +39,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from cluster.common import check_gpus, fetch_checkpoint, init_ray, scalar_metrics
 from cluster.options import train_parser
 from cluster.torch_backend import LoopbackStoreTorchConfig
+from cluster.tracking import tracking_setup, worker_tracker
 from mve import local_train
 from mve.checkpoint import META, CheckpointError, load_checkpoint, verify_checkpoint
 from mve.config import TrainConfig
@@ -46,11 +47,13 @@ from mve.data import load_data, resolve_data_path
 from mve.errors import run_command
 from mve.logs import plain_stderr, setup_logging
 from mve.metrics import per_class_table
+from mve.mlflow_runs import MlflowRun, flat_params, flat_values
 from mve.models import target_metric
 from mve.options import train_config_from_args
 from mve.report import run_info, write_json
 from mve.runs import finalize_run
 from mve.storage import resolve_storage
+from mve.tracking import TrackingOptions, publish_to_mlflow
 from mve.train import fit
 
 __all__ = ["ClusterConfig", "train_fn_per_worker", "upload_checkpoint", "build_trainer",
@@ -214,7 +217,8 @@ def train_fn_per_worker(config: dict) -> None:
                      limit=cfg.data.limit, image_size=cfg.data.image_size,
                      cache_dir=config.get("cache_dir"))
     metrics_sink = _TrainMetrics(ctx.get_experiment_name(), cfg.model) if rank == 0 else None
-
+    track, logdir = (_rank0_tracker(config.get("tracking"), cfg, data) if rank == 0
+                     else (None, None))
     node_id = ray.get_runtime_context().get_node_id()
 
     with tempfile.TemporaryDirectory(prefix="mve-resume-") as tmp:
@@ -232,8 +236,25 @@ def train_fn_per_worker(config: dict) -> None:
                              checkpoint_upload_fn=upload_checkpoint if ckpt else None)
             _maybe_inject_failure(config.get("inject_failure"), metrics["epoch"], rank)
 
-        fit(cfg, data, device=device, rank=rank, world_size=world, report=report,
-            resume_from=resume, progress=False, wrap_model=ray.train.torch.prepare_model)
+        try:
+            fit(cfg, data, device=device, rank=rank, world_size=world, report=report,
+                resume_from=resume, progress=False, wrap_model=ray.train.torch.prepare_model,
+                track=track)
+        finally:
+            if logdir is not None:
+                logdir.cleanup()
+
+
+def _rank0_tracker(setup: Mapping[str, Any] | None, cfg: TrainConfig, data: Any) -> Any:
+    """Event files in ``tensorboard/`` of the run's directory in storage (a search's storage
+    root for a Train-run trial) and the driver's MLflow run; ``setup["hparams"]``, or the
+    flattened config, as the run's hyperparameters."""
+    storage = ray.train.get_context().get_storage()
+    setup = dict(setup or {})
+    hparams = setup.get("hparams") or flat_values(cfg.to_dict())
+    return worker_tracker(setup, storage_path=storage.experiment_fs_path,
+                          fs=storage.storage_filesystem, rel="tensorboard", hparams=hparams,
+                          cfg=cfg, data=data)
 
 
 def run_name(cfg: TrainConfig, data_path: str, cluster: ClusterConfig) -> str:
@@ -247,9 +268,11 @@ def run_name(cfg: TrainConfig, data_path: str, cluster: ClusterConfig) -> str:
 
 def build_trainer(cfg: TrainConfig, cluster: ClusterConfig, data_path: str, *, name: str,
                   callbacks: Sequence[Any] = (), cache_dir: str | None = None,
-                  inject_failure: Mapping[str, Any] | None = None
-                  ) -> ray.train.torch.TorchTrainer:
-    """A Train V2 ``TorchTrainer`` running ``train_fn_per_worker`` on ``cluster.num_workers``."""
+                  inject_failure: Mapping[str, Any] | None = None,
+                  tracking: Mapping[str, Any] | None = None) -> ray.train.torch.TorchTrainer:
+    """A Train V2 ``TorchTrainer`` running ``train_fn_per_worker`` on ``cluster.num_workers``;
+    ``tracking`` is what rank 0 tracks (``cluster.tracking.tracking_setup``; default: event
+    files only)."""
     if cluster.use_gpu and cfg.precision == "fp32":
         cfg = dataclasses.replace(cfg, precision="bf16")
     cfg = cfg.with_data_path(Path(data_path).absolute())
@@ -267,7 +290,8 @@ def build_trainer(cfg: TrainConfig, cluster: ClusterConfig, data_path: str, *, n
         callbacks=list(callbacks))
     loop_config = {"train": cfg.to_dict(),
                    "cache_dir": cache_dir or os.environ.get("MVE_CACHE_DIR"),
-                   "inject_failure": dict(inject_failure) if inject_failure else None}
+                   "inject_failure": dict(inject_failure) if inject_failure else None,
+                   "tracking": dict(tracking) if tracking else None}
     return ray.train.torch.TorchTrainer(
         train_fn_per_worker, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
@@ -277,19 +301,26 @@ def build_trainer(cfg: TrainConfig, cluster: ClusterConfig, data_path: str, *, n
 
 def run_training(cfg: TrainConfig, cluster: ClusterConfig, data_path: str, *, out: str | Path,
                  name: str | None = None, address: str | None = None,
-                 inject_failure: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Runs a Train job and writes the final checkpoint and report into ``out``."""
-
+                 inject_failure: Mapping[str, Any] | None = None,
+                 tracking: TrackingOptions | None = None) -> dict[str, Any]:
+    """Runs a Train job and writes the final checkpoint and report into ``out``; with
+    ``tracking.mlflow`` the run is an MLflow run (params here, metrics from rank 0, the
+    checkpoint and report once ``out`` is written)."""
+    tracking = tracking or TrackingOptions()
     name = name or run_name(cfg, data_path, cluster)
     cfg = cfg.with_data_path(Path(data_path).absolute())  # the saved config records its data
     started = init_ray(address)
+    mlflow = MlflowRun()
     try:
         check_gpus(cluster.gpus_per_worker if cluster.use_gpu else 0, embedded=started,
                    what="--gpu (one per worker)")
         logger.info("Ray Train run %s: %d worker(s), gpu=%s", name, cluster.num_workers,
                     cluster.use_gpu)
-        result = build_trainer(cfg, cluster, data_path, name=name,
-                               inject_failure=inject_failure).fit()
+        mlflow = tracking.start_mlflow(name, params=flat_params(cfg.to_dict()), tags={
+            "mve.run": "ray-train", "mve.command": run_info()["command"],
+            "mve.workers": str(cluster.num_workers)})
+        result = build_trainer(cfg, cluster, data_path, name=name, inject_failure=inject_failure,
+                               tracking=tracking_setup(tracking, mlflow)).fit()
         if result.error is not None:
             raise RuntimeError(f"Ray Train run {name} failed: {result.error}")
         if result.checkpoint is None:
@@ -305,7 +336,12 @@ def run_training(cfg: TrainConfig, cluster: ClusterConfig, data_path: str, *, ou
                    "checkpoint": str(result.checkpoint.path),
                    "metrics": scalar_metrics(result.metrics or {}), "details": details}
         write_json(Path(out) / "ray_run.json", summary)
+        publish_to_mlflow(mlflow, Path(out), register_as=tracking.register_as)
+        mlflow.end()
         return summary
+    except BaseException:
+        mlflow.end("FAILED")
+        raise
     finally:
         if started:
             ray.shutdown()
@@ -320,7 +356,8 @@ def run_from_args(args: argparse.Namespace) -> int:
                             s3_endpoint=args.s3_endpoint, max_failures=args.max_failures,
                             num_to_keep=args.keep_checkpoints)
     out = args.out or f"runs/{cfg.model}-ray"
-    summary = run_training(cfg, cluster, data_path, out=out, name=args.name, address=args.address)
+    summary = run_training(cfg, cluster, data_path, out=out, name=args.name, address=args.address,
+                           tracking=TrackingOptions.from_args(args))
     if "per_class" in summary["details"]:
         print(per_class_table(summary["details"]))
     print(f"run {summary['run_name']}: checkpoint and report in {out}; Ray storage "

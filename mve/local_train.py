@@ -18,10 +18,12 @@ import torch
 from mve.config import TrainConfig
 from mve.data import load_data, resolve_data_path
 from mve.metrics import per_class_table
+from mve.mlflow_runs import flat_params
 from mve.options import progress_enabled, resolve_device, train_config_from_args
 from mve.report import run_info, write_json
 from mve.runs import finalize_run, keep_checkpoint, latest_checkpoint
-from mve.train import fit
+from mve.tracking import TrackingOptions, publish_to_mlflow
+from mve.train import fit, tracker_for
 
 __all__ = ["train_local", "run_from_args"]
 
@@ -29,9 +31,12 @@ logger = logging.getLogger("mve")
 
 
 def train_local(cfg: TrainConfig, out: str | Path, *, device: torch.device,
-                resume: bool = False, keep_checkpoints: int = 2) -> dict[str, Any]:
+                resume: bool = False, keep_checkpoints: int = 2,
+                tracking: TrackingOptions | None = None) -> dict[str, Any]:
     """Trains ``cfg`` (whose ``data.path`` is resolved here) into ``out``; returns the final
-    checkpoint's details (metrics, per-class table data)."""
+    checkpoint's details (metrics, per-class table data). Event files go to
+    ``out/tensorboard``; with ``tracking.mlflow`` the run is also an MLflow run."""
+    tracking = tracking or TrackingOptions()
     cfg = cfg.with_data_path(resolve_data_path(cfg.data.path))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -58,13 +63,25 @@ def train_local(cfg: TrainConfig, out: str | Path, *, device: torch.device,
         if ckpt_dir is not None:
             keep_checkpoint(ckpt_dir, ckpts / f"epoch_{metrics['epoch']:04d}", keep_checkpoints)
 
-    result = fit(cfg, data, device=device, report=report, resume_from=resume_from,
-                 progress=progress_enabled())
-    final = latest_checkpoint(ckpts)
-    if final is None:
-        raise RuntimeError(f"training finished without writing a checkpoint under {ckpts}")
-    return finalize_run(out, final, cfg=cfg, history=result.history, command=info["command"],
-                        val_images=data.val.images if data.val is not None else None)
+    mlflow = tracking.start_mlflow(out.name, params=flat_params(cfg.to_dict()),
+                                   tags={"mve.command": info["command"], "mve.run": "train"})
+    track = tracker_for(cfg, data, logdir=out / "tensorboard" if tracking.tensorboard else None,
+                        mlflow=mlflow)
+    try:
+        result = fit(cfg, data, device=device, report=report, resume_from=resume_from,
+                     progress=progress_enabled(), track=track)
+        final = latest_checkpoint(ckpts)
+        if final is None:
+            raise RuntimeError(f"training finished without writing a checkpoint under {ckpts}")
+        details = finalize_run(out, final, cfg=cfg, history=result.history,
+                               command=info["command"],
+                               val_images=data.val.images if data.val is not None else None)
+        publish_to_mlflow(mlflow, out, register_as=tracking.register_as)
+    except BaseException:
+        mlflow.end("FAILED")
+        raise
+    mlflow.end()
+    return details
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -74,7 +91,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         cfg = cfg.with_data_path(args.data)
     details = train_local(cfg, args.out or f"runs/{cfg.model}-local",
                           device=resolve_device(args.device), resume=args.resume,
-                          keep_checkpoints=args.keep_checkpoints)
+                          keep_checkpoints=args.keep_checkpoints,
+                          tracking=TrackingOptions.from_args(args))
     if "per_class" in details:
         print(per_class_table(details))
     return 0

@@ -22,7 +22,8 @@ from mve.errors import UserError
 from mve.models import list_models
 
 __all__ = ["config_parent", "train_parent", "train_config_from_args", "config_from_args",
-           "given", "resolve_device", "progress_enabled"]
+           "given", "resolve_device", "progress_enabled", "tracking_parent",
+           "add_tracking_options"]
 
 
 def config_parent() -> argparse.ArgumentParser:
@@ -40,7 +41,7 @@ def config_parent() -> argparse.ArgumentParser:
 
 def train_parent() -> argparse.ArgumentParser:
     """The options of ``mve train`` that do not depend on where training runs."""
-    t = argparse.ArgumentParser(add_help=False, parents=[config_parent()])
+    t = argparse.ArgumentParser(add_help=False, parents=[config_parent(), tracking_parent()])
     t.add_argument("model", choices=list_models())
     t.add_argument("--local", action="store_true", help="train in this process, without Ray")
     t.add_argument("--data", help="data path (else $MVE_DATA, else official CIFAR-10 in the cache)")
@@ -58,6 +59,29 @@ def train_parent() -> argparse.ArgumentParser:
     t.add_argument("--keep-checkpoints", type=int, default=2,
                    help="epoch checkpoints to keep (default 2; Ray keeps the best N)")
     return t
+
+
+def tracking_parent() -> argparse.ArgumentParser:
+    """Experiment tracking options, shared by ``mve train`` and ``mve tune``."""
+    t = argparse.ArgumentParser(add_help=False)
+    add_tracking_options(t)
+    return t
+
+
+def add_tracking_options(t: argparse.ArgumentParser) -> None:
+    """``--no-tensorboard``, ``--mlflow``, ``--mlflow-experiment``, ``--register-model``."""
+    g = t.add_argument_group("experiment tracking (README: Tracking runs)")
+    g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
+                   help="do not write TensorBoard event files (default: under the run's "
+                        "output or storage, in tensorboard/)")
+    g.add_argument("--mlflow", metavar="URI", help="log params, metrics per epoch and the "
+                   "final checkpoint to this MLflow tracking server (default "
+                   "$MLFLOW_TRACKING_URI; none when unset)")
+    g.add_argument("--mlflow-experiment", metavar="NAME", default="mve",
+                   help="MLflow experiment (default mve)")
+    g.add_argument("--register-model", metavar="NAME",
+                   help="with --mlflow: register the final (or the search's best) checkpoint "
+                        "as a new version of this MLflow model")
 
 
 def config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = None

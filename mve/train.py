@@ -28,13 +28,15 @@ from mve.config import TrainConfig
 from mve.data import DataBundle, Split, TensorLoader, stratified_subset
 from mve.data.transforms import normalize
 from mve.loop import Stepper, evaluate, step_for, train_one_epoch
+from mve.mlflow_runs import MlflowRun, flat_values
 from mve.models import build_model, get_spec
 from mve.optim import build_optimizer, build_scheduler, lr_factor
 from mve.perceptual import perceptual_network
+from mve.tracking import EpochTracker
 
 __all__ = [
     "Reporter", "FitResult", "build_optimizer", "lr_factor", "build_scheduler",
-    "train_one_epoch", "evaluate", "fit", "preprocessing_for", "make_loader",
+    "train_one_epoch", "evaluate", "fit", "preprocessing_for", "make_loader", "tracker_for",
 ]
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,19 @@ def preprocessing_for(cfg: TrainConfig, data: DataBundle) -> dict[str, Any]:
     return {"input_size": [h, w], "mean": list(mean), "std": list(std), "pixel_scale": 1 / 255}
 
 
+def tracker_for(cfg: TrainConfig, data: DataBundle, *, logdir: str | Path | None,
+                mlflow: MlflowRun | None = None, hparams: Mapping[str, Any] | None = None
+                ) -> EpochTracker:
+    """The tracker of a run of ``cfg`` on ``data``: event files in ``logdir`` (None: none),
+    MLflow when ``mlflow`` is a started run, ``hparams`` (default: the flattened config) with
+    the final metrics; a VAE's grids use the first validation images."""
+    track = EpochTracker(logdir=logdir, mlflow=mlflow,
+                         hparams=flat_values(cfg.to_dict()) if hparams is None else hparams)
+    if get_spec(cfg.model).task == "generation" and data.val is not None and len(data.val):
+        track.watch_images(data.val.images, preprocessing_for(cfg, data))
+    return track
+
+
 def make_loader(split: Split, cfg: TrainConfig, prep: Mapping[str, Any], *, train: bool,
                 rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
                 ) -> TensorLoader:
@@ -78,7 +93,7 @@ def fit(cfg: TrainConfig, data: DataBundle, *, device: torch.device | str = "cpu
         world_size: int = 1, report: Reporter | None = None,
         resume_from: str | Path | None = None, progress: bool = True,
         wrap_model: Callable[[nn.Module], nn.Module] | None = None,
-        checkpoint_every: int = 1) -> FitResult:
+        checkpoint_every: int = 1, track: EpochTracker | None = None) -> FitResult:
     """Trains ``cfg.model`` on ``data`` for ``cfg.epochs`` epochs.
 
     After every epoch, rank 0 evaluates on the validation split, writes a checkpoint
@@ -87,19 +102,30 @@ def fit(cfg: TrainConfig, data: DataBundle, *, device: torch.device | str = "cpu
     returns, so a reporter must copy what it keeps. ``resume_from`` continues from such
     a checkpoint (epochs already done are skipped). What a model's loss needs from disk (the
     VAE's perceptual network, ``mve.perceptual``) is loaded here and injected into the model.
+    Rank 0 hands every epoch to ``track`` (TensorBoard, MLflow: ``mve.tracking``) and closes it
+    at the end.
     """
     run = _setup(cfg, data, torch.device(device), rank=rank, world_size=world_size,
                  resume_from=resume_from, wrap_model=wrap_model)
+    track = track if rank == 0 else None
     show = progress and rank == 0
     metrics: dict[str, Any] = {}
-    for epoch in tqdm(range(run.start_epoch, cfg.epochs), desc=f"{cfg.model} epochs",
-                      disable=not show, unit="epoch", initial=run.start_epoch, total=cfg.epochs):
-        metrics = _run_epoch(run, epoch, show)
-        done = epoch + 1
-        ckpt_dir = None
-        if rank == 0 and (done % checkpoint_every == 0 or done == cfg.epochs):
-            ckpt_dir = _save_epoch_checkpoint(run, done, metrics)
-        _report(report, metrics, ckpt_dir)
+    try:
+        for epoch in tqdm(range(run.start_epoch, cfg.epochs), desc=f"{cfg.model} epochs",
+                          disable=not show, unit="epoch", initial=run.start_epoch,
+                          total=cfg.epochs):
+            metrics = _run_epoch(run, epoch, show)
+            done = epoch + 1
+            if track is not None:
+                with _averaged(run.averager, run.net):  # the weights validation saw
+                    track.epoch(metrics, run.net, last=done == cfg.epochs)
+            ckpt_dir = None
+            if rank == 0 and (done % checkpoint_every == 0 or done == cfg.epochs):
+                ckpt_dir = _save_epoch_checkpoint(run, done, metrics)
+            _report(report, metrics, ckpt_dir)
+    finally:
+        if track is not None:
+            track.close()
     _keep_average(run)
     return FitResult(run.net, run.history, metrics)
 

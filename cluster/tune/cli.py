@@ -18,6 +18,7 @@ from cluster.tune.settings import prepare
 from mve.errors import run_command
 from mve.logs import setup_logging
 from mve.models import get_spec, list_models
+from mve.options import add_tracking_options
 
 __all__ = ["DESCRIPTION", "EPILOG", "tune_parent", "build_parser", "run", "main"]
 
@@ -49,7 +50,9 @@ outputs in --out (default runs/tune-MODEL):
   best.yaml                 the best trial's full config: mve train MODEL --config best.yaml
   best/                     the best checkpoint, servable, with REPORT.md: mve evaluate OUT/best
   summary.json              best trial, metric, params and paths
-  Ray's own files (trial logs, checkpoints, experiment state) are in STORAGE/NAME.
+  Ray's own files (trial logs, checkpoints, experiment state) are in STORAGE/NAME, and
+  each trial's TensorBoard files in STORAGE/NAME/trial_ID: tensorboard --logdir STORAGE
+  (--mlflow URI: a parent run for the search, a child run per trial)
 
 resume: rerun the same command; finished trials are not rerun.
 """
@@ -140,6 +143,7 @@ def tune_parent() -> argparse.ArgumentParser:
     _data_options(p)
     _resource_options(p)
     _output_options(p)
+    add_tracking_options(p)
     return p
 
 

@@ -73,7 +73,22 @@ def _store(s: TuneSettings) -> _Store:
                   f"{root.rstrip('/')}/{s.name}")
 
 
-def _new_tuner(s: TuneSettings, store: _Store, fn: Any) -> Any:
+def _callbacks(s: TuneSettings, mlflow: Any | None) -> list[Any]:
+    """Ray's JSON and CSV loggers (the report reads them), mve's MLflow callback, and the
+    placement-group reaper of Train-run trials. Ray's own TensorBoard logger is left out
+    (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS, set by :func:`run_search`): the trials write mve's
+    event files, and a second set would show every trial twice in TensorBoard."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    callbacks: list[Any] = [JsonLoggerCallback(), CSVLoggerCallback()]
+    if mlflow is not None:
+        callbacks.append(mlflow)
+    if s.workers_per_trial > 1:
+        callbacks.append(placement_group_reaper())
+    return callbacks
+
+
+def _new_tuner(s: TuneSettings, store: _Store, fn: Any, mlflow: Any | None = None) -> Any:
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -116,16 +131,17 @@ def _new_tuner(s: TuneSettings, store: _Store, fn: Any) -> Any:
                 num_to_keep=2, checkpoint_score_attribute=s.metric,
                 checkpoint_score_order=s.mode),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
-            callbacks=[placement_group_reaper()] if s.workers_per_trial > 1 else None,
+            callbacks=_callbacks(s, mlflow),
             verbose=s.verbose))
 
 
-def _tuner(s: TuneSettings, store: _Store) -> tuple[Any, bool]:
+def _tuner(s: TuneSettings, store: _Store, mlflow: Any | None) -> tuple[Any, bool]:
     """The restored experiment when there is one (refused if it searches something else),
-    else a new one; and whether it was restored."""
+    else a new one; and whether it was restored. A restored experiment keeps the callbacks
+    it was started with (Tune restores them), so its trials log into their MLflow runs."""
     from ray import tune
 
-    fn = trainable(s, trial_setup(s, store.storage_path))
+    fn = trainable(s, trial_setup(s, store.storage_path, store.storage_fs))
     spec_text = json.dumps(s.spec(), indent=1, sort_keys=True)
     if tune.Tuner.can_restore(store.exp_path, storage_filesystem=store.storage_fs):
         check_spec(store.fs, store.exp_on_fs, store.exp_path, spec_text)
@@ -134,7 +150,7 @@ def _tuner(s: TuneSettings, store: _Store) -> tuple[Any, bool]:
         _say_resuming(s, store, tuner)
         return tuner, True
     write_text(store.fs, f"{store.exp_on_fs}/{SPEC_FILE}", spec_text)
-    return _new_tuner(s, store, fn), False
+    return _new_tuner(s, store, fn, mlflow), False
 
 
 def _say_resuming(s: TuneSettings, store: _Store, tuner: Any) -> None:
@@ -154,19 +170,34 @@ def run_search(s: TuneSettings) -> dict[str, Any]:
     # Tune snapshots its state whenever a trial has checkpointed num_to_keep times; with
     # epoch-sized trials that is often, on purpose (a resume loses little), so no warning.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # see _callbacks
+    # here, not at the top: the command line imports this module and must not load Ray
+    from cluster.tune.tracking import MlflowSearchCallback, finish_search_run, start_search_run
+
     store = _store(s)
-    tuner, resumed = _tuner(s, store)
-    started = time.perf_counter()
-    grid = tuner.fit()
-    elapsed = time.perf_counter() - started
-    if s.workers_per_trial > 1:
-        final_sweep()
-    trials, ea = records(store.exp_path, store.storage_fs, grid, list(s.space.params))
-    extra = {"name": s.name, "resumed": resumed, "wall_s": round(elapsed, 1),
-             "samples": s.samples, "workers_per_trial": s.workers_per_trial,
-             "space": str(Path(s.space.source).resolve()),
-             "unfinished": sum(t.status not in ("TERMINATED", "ERROR") for t in trials)}
-    return _export(s, trials, ea, store, extra)
+    parent = start_search_run(s)
+    try:
+        callback = (MlflowSearchCallback(parent, base=s.base.to_dict(),
+                                         experiment=s.tracking.experiment,
+                                         storage_fs=store.storage_fs)
+                    if parent.active else None)
+        tuner, resumed = _tuner(s, store, callback)
+        started = time.perf_counter()
+        grid = tuner.fit()
+        elapsed = time.perf_counter() - started
+        if s.workers_per_trial > 1:
+            final_sweep()
+        trials, ea = records(store.exp_path, store.storage_fs, grid, list(s.space.params))
+        extra = {"name": s.name, "resumed": resumed, "wall_s": round(elapsed, 1),
+                 "samples": s.samples, "workers_per_trial": s.workers_per_trial,
+                 "space": str(Path(s.space.source).resolve()),
+                 "unfinished": sum(t.status not in ("TERMINATED", "ERROR") for t in trials)}
+        summary = _export(s, trials, ea, store, extra)
+    except BaseException:
+        parent.end("FAILED")
+        raise
+    finish_search_run(parent, s, summary)
+    return summary
 
 
 def _export(s: TuneSettings, trials: list[TrialRecord], ea: Any, store: _Store,

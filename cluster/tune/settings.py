@@ -15,6 +15,7 @@ from cluster.search import SearchSpace, base_config, load_space, validate_space
 from mve.config import TrainConfig
 from mve.errors import UserError
 from mve.options import given
+from mve.tracking import TrackingOptions
 
 __all__ = ["SearchError", "TuneSettings", "prepare"]
 
@@ -52,6 +53,7 @@ class TuneSettings:
     out: Path = field(default_factory=lambda: Path("runs/tune"))
     verbose: int = 1
     command: str = ""
+    tracking: TrackingOptions = field(default_factory=TrackingOptions)
 
     @property
     def data_path(self) -> str:
@@ -137,4 +139,4 @@ def prepare(args: argparse.Namespace) -> TuneSettings:
         max_concurrent=args.max_concurrent, storage=args.storage, s3_endpoint=args.s3_endpoint,
         address=args.address, name=args.name or f"tune-{model}",
         out=Path(args.out or f"runs/tune-{model}"), verbose=0 if args.quiet else args.verbose,
-        command=_command(args))
+        command=_command(args), tracking=TrackingOptions.from_args(args))

@@ -41,6 +41,7 @@ def train_trial(config: dict[str, Any], setup: Mapping[str, Any]) -> None:
     import ray.tune
 
     from cluster.common import fetch_checkpoint, scalar_metrics
+    from cluster.tracking import worker_tracker
     from mve.data import load_data
     from mve.train import fit
 
@@ -60,12 +61,24 @@ def train_trial(config: dict[str, Any], setup: Mapping[str, Any]) -> None:
         ckpt = ray.tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None
         ray.tune.report(flat, checkpoint=ckpt)
 
-    with tempfile.TemporaryDirectory(prefix="mve-tune-resume-") as tmp:
-        resume = None
-        latest = ray.tune.get_checkpoint()
-        if latest is not None:
-            resume = fetch_checkpoint(latest, Path(tmp) / "ckpt")
-        fit(cfg, data, device=device, report=report, resume_from=resume, progress=False)
+    tb = setup.get("tensorboard") or {}
+    trial_id = ray.tune.get_context().get_trial_id()
+    # no MLflow here: the driver's callback keeps each trial's MLflow run
+    track, logdir = worker_tracker(
+        {"tensorboard": bool(tb)}, storage_path=tb.get("storage_path", ""),
+        fs=tb.get("storage_fs"), rel=f"{tb.get('experiment')}/trial_{trial_id}",
+        hparams=dict(config), cfg=cfg, data=data)
+    try:
+        with tempfile.TemporaryDirectory(prefix="mve-tune-resume-") as tmp:
+            resume = None
+            latest = ray.tune.get_checkpoint()
+            if latest is not None:
+                resume = fetch_checkpoint(latest, Path(tmp) / "ckpt")
+            fit(cfg, data, device=device, report=report, resume_from=resume, progress=False,
+                track=track)
+    finally:
+        if logdir is not None:
+            logdir.cleanup()
 
 
 def train_driver_fn(config: dict[str, Any], setup: Mapping[str, Any]) -> None:
@@ -84,13 +97,18 @@ def train_driver_fn(config: dict[str, Any], setup: Mapping[str, Any]) -> None:
     cfg = trial_config(setup["train"], config)
     cluster = ClusterConfig(**setup["cluster"])
     trial_id = ray.tune.get_context().get_trial_id()
+    tracking = {"tensorboard": bool(setup.get("tensorboard")), "hparams": dict(config)}
     trainer = build_trainer(cfg, cluster, cfg.data.path, name=f"train-trial_id={trial_id}",
-                            callbacks=[TuneReportCallback()], cache_dir=setup.get("cache_dir"))
+                            callbacks=[TuneReportCallback()], cache_dir=setup.get("cache_dir"),
+                            tracking=tracking)
     trainer.fit()
 
 
-def trial_setup(s: TuneSettings, storage_path: str) -> dict[str, Any]:
-    """What every trial gets besides its sampled params (via ``tune.with_parameters``)."""
+def trial_setup(s: TuneSettings, storage_path: str, storage_fs: Any | None = None
+                ) -> dict[str, Any]:
+    """What every trial gets besides its sampled params (via ``tune.with_parameters``);
+    ``tensorboard`` says where a single-worker trial's event files go (its trial directory;
+    a Train-run trial's go into its Train run's directory), or is None when they are off."""
     from mve.models import get_spec
 
     if s.storage and "://" in s.storage:
@@ -103,6 +121,8 @@ def trial_setup(s: TuneSettings, storage_path: str) -> dict[str, Any]:
         "cache_dir": os.environ.get("MVE_CACHE_DIR"), "use_gpu": s.gpus_per_trial > 0,
         "log_level": logging.INFO if s.verbose >= 2 else logging.WARNING,
         "show_first": [s.metric, second, "train_loss", "train_images_per_s"],
+        "tensorboard": {"storage_path": storage_path, "storage_fs": storage_fs,
+                        "experiment": s.name} if s.tracking.tensorboard else None,
         "cluster": {"num_workers": s.workers_per_trial, "use_gpu": s.gpus_per_trial > 0,
                     "cpus_per_worker": s.cpus_per_trial,
                     "gpus_per_worker": s.gpus_per_trial or 1.0,
