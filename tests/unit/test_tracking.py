@@ -43,6 +43,17 @@ def session_hparams(ea) -> tuple[dict, list[str]]:
     return values, metrics
 
 
+def sqlite_store(tmp_path: Path, experiment: str) -> str:
+    """An MLflow SQLite store whose experiment keeps its artifacts under ``tmp_path`` (MLflow's
+    default would be ./mlruns in the working directory)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment(experiment,
+                                        artifact_location=(tmp_path / "artifacts").as_uri())
+    return uri
+
+
 def test_tags_group_train_and_val():
     assert tag_of("train_loss") == "train/loss"
     assert tag_of("val_elbo_bpd") == "val/elbo_bpd"
@@ -88,7 +99,7 @@ def test_mlflow_logs_params_metrics_and_artifacts_to_a_real_store(tmp_path):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path, "mve-unit")
     cfg = load_train_config("classifier", preset="baseline",
                             overrides=[*SMALL, "epochs=2", "optim.lr=0.05"])
     run = MlflowRun.start(uri, run_name="unit", params=flat_params(cfg.to_dict()),
@@ -162,7 +173,7 @@ def test_a_local_run_writes_event_files_and_publishes_its_checkpoint(tmp_path):
         "model.num_classes=3", "model.cnn_layers=3", "model.starting_channels=8",
         "model.final_channels=16", "model.fcn_layers=2", "data.val_size=30",
         "batch_size=20", "epochs=2", f"data.path={archive}"])
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path, "local")
     train_local(cfg, tmp_path / "out", device="cpu",
                 tracking=TrackingOptions(mlflow=uri, experiment="local", register_as="local-m"))
     ea = read_events(tmp_path / "out" / "tensorboard")
