@@ -26,7 +26,8 @@ CRD_DIR = Path(os.environ.get("MVE_KUBERAY_CRDS", REPO.parent / "shared" / "sche
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
              "RayService": "ray.io_rayservices.yaml"}
 RAY_KINDS = tuple(CRD_FILES)
-CORE_KINDS = ("Namespace", "PersistentVolumeClaim", "NetworkPolicy", "ConfigMap")
+CORE_KINDS = ("Namespace", "PersistentVolumeClaim", "NetworkPolicy", "ConfigMap", "StatefulSet",
+              "Service")
 MONITORING_KINDS = ("PodMonitor", "PrometheusRule")
 # The Kubernetes versions whose OpenAPI schemas (kubernetes-validate, offline) core objects and
 # embedded pod templates must satisfy: the oldest we support and the newest it ships.
