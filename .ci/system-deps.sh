@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Debian packages the test suite needs beyond Python: headless Chromium and its WebDriver for the
-# serving web-page test (tests/integration/test_serve_cli.py). Idempotent and quick when they are
+# serving web-page test (tests/integration/test_serve_cli.py), and Redis for the head-node
+# failure tests (tests/reliability/test_head_failure.py, GCS fault tolerance). Idempotent and quick when they are
 # already installed; run as root (or with sudo available). Called from .ci/run.
 set -euo pipefail
 
-PACKAGES=(chromium chromium-driver)
+PACKAGES=(chromium chromium-driver redis-server)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

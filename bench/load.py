@@ -21,8 +21,9 @@ before a response arrives (refused, reset, closed mid-request) or when the serve
 since its first attempt. Latency is measured from the first attempt to the final answer, back-off
 included, so retries show up in the percentiles; :data:`NO_RETRY` turns retries off.
 
-The URL must point at the local machine (127.0.0.1, ::1 or localhost): this is a test tool, not
-a way to load someone else's service.
+The URL must point at the local machine (the loopback range 127.0.0.0/8, ::1 or localhost;
+the head-failure test gives its two Ray nodes 127.0.0.1 and 127.0.0.2): this is a test tool,
+not a way to load someone else's service.
 """
 
 from __future__ import annotations
@@ -42,6 +43,18 @@ from urllib.parse import urlparse
 __all__ = ["RetryPolicy", "NO_RETRY", "Sample", "Load", "percentile", "summarize"]
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback(host: str | None) -> bool:
+    """``localhost`` or an address of the loopback range (127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    if host in LOOPBACK:
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -145,7 +158,7 @@ class Load:
                  tag: Callable[[bytes], str | None] | None = None, phase: str = "before",
                  hard_limit_s: float = 900.0) -> None:
         host = urlparse(url).hostname
-        if host not in LOOPBACK:
+        if not is_loopback(host):
             raise ValueError(f"bench/load.py only loads the local machine, not {host!r}")
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
