@@ -14,7 +14,7 @@ DATA_ARG := $(if $(DATA),--data $(DATA))
 RUN_DIR ?= runs/make-run
 PYTEST_ARGS ?=
 
-.PHONY: pretrained pretrained-classifier pretrained-vae install test test-reliability test-slow test-all lint bench bench-serve run clean help image
+.PHONY: pretrained pretrained-classifier pretrained-vae install test test-reliability soak test-slow test-all lint bench bench-serve run clean help image
 
 help:
 	@echo "make run       set up .venv; search, train the best config on Ray, evaluate (short budget)"
@@ -42,6 +42,14 @@ test: install
 # midway, 1,000+ malformed requests, token auth. Figures go to RELIABILITY.md.
 test-reliability: install
 	$(BIN)/python -m pytest tests/reliability -m "" $(PYTEST_ARGS)
+
+# A 10-minute soak of the serving data plane (bench/soak.py; not in CI, whose
+# `make test-reliability` runs a 60 s one): mixed traffic with 1 bad request in 20, a hot swap
+# and a replica kill; no failed valid request, every bad one a 4xx, no RSS growth or descriptor
+# leak over the second half. SOAK_S=... sets the length.
+SOAK_S ?= 600
+soak: install
+	$(BIN)/python bench/soak.py --duration $(SOAK_S) --json runs/soak.json
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
@@ -80,7 +88,9 @@ run: install
 	$(BIN)/mve train classifier $(DATA_ARG) --config $(RUN_DIR)/tune/best.yaml \
 		--epochs $(EPOCHS) $(if $(LIMIT),--limit $(LIMIT)) --set data.val_size=5000 \
 		--cpus-per-worker 2 --storage $(abspath $(RUN_DIR))/ray --out $(RUN_DIR)/model
-	$(BIN)/mve evaluate $(RUN_DIR)/model $(DATA_ARG) --out $(RUN_DIR)/evaluation --json
+	$(BIN)/mve evaluate $(RUN_DIR)/model $(DATA_ARG) --out $(RUN_DIR)/evaluation
+	@$(BIN)/python -m mve.runs $(RUN_DIR)/model \
+		--title "make run: done (the evaluation's confusion matrix: $(RUN_DIR)/evaluation)"
 
 # Re-create the shipped default checkpoints in models/ (what `mve serve` and `mve evaluate` use
 # when given none). On a GPU each takes about a minute; on 2 CPU cores the classifier's 40

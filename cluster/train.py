@@ -349,6 +349,8 @@ def run_training(cfg: TrainConfig, cluster: ClusterConfig, data_path: str, *, ou
 
 def run_from_args(args: argparse.Namespace) -> int:
     """``mve train`` without ``--local``."""
+    from mve.runs import run_summary
+
     cfg = train_config_from_args(args)
     data_path = str(resolve_data_path(args.data or cfg.data.path))
     cluster = ClusterConfig(num_workers=args.workers, use_gpu=args.gpu,
@@ -360,8 +362,11 @@ def run_from_args(args: argparse.Namespace) -> int:
                            tracking=TrackingOptions.from_args(args))
     if "per_class" in summary["details"]:
         print(per_class_table(summary["details"]))
-    print(f"run {summary['run_name']}: checkpoint and report in {out}; Ray storage "
-          f"{summary['storage']}")
+    print(run_summary(out, title=f"mve train {cfg.model} on Ray Train ({cfg.epochs} epoch(s), "
+                                 f"{cluster.num_workers} worker(s)): done",
+                      extra=[("ray run", str(summary["storage"])),
+                             *([("tensorboard", f"tensorboard --logdir {summary['storage']}")]
+                               if args.tensorboard else [])]))
     return 0
 
 

@@ -21,7 +21,7 @@ from mve.metrics import per_class_table
 from mve.mlflow_runs import flat_params
 from mve.options import progress_enabled, resolve_device, train_config_from_args
 from mve.report import run_info, write_json
-from mve.runs import finalize_run, keep_checkpoint, latest_checkpoint
+from mve.runs import finalize_run, keep_checkpoint, latest_checkpoint, run_summary
 from mve.tracking import TrackingOptions, publish_to_mlflow
 from mve.train import fit, tracker_for
 
@@ -89,10 +89,14 @@ def run_from_args(args: argparse.Namespace) -> int:
     cfg = train_config_from_args(args)
     if args.data:
         cfg = cfg.with_data_path(args.data)
-    details = train_local(cfg, args.out or f"runs/{cfg.model}-local",
-                          device=resolve_device(args.device), resume=args.resume,
+    out = args.out or f"runs/{cfg.model}-local"
+    details = train_local(cfg, out, device=resolve_device(args.device), resume=args.resume,
                           keep_checkpoints=args.keep_checkpoints,
                           tracking=TrackingOptions.from_args(args))
     if "per_class" in details:
         print(per_class_table(details))
+    tensorboard = ([("tensorboard", f"tensorboard --logdir {Path(out) / 'tensorboard'}")]
+                   if getattr(args, "tensorboard", True) else [])
+    print(run_summary(out, title=f"mve train {cfg.model} (local, {cfg.epochs} epoch(s)): done",
+                      extra=tensorboard))
     return 0

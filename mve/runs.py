@@ -1,14 +1,20 @@
-"""Run directories: epoch checkpoints, the final checkpoint, and the run's report.
+"""Run directories: epoch checkpoints, the final checkpoint, the run's report and summary.
 
 Shared by the local trainer (``mve train --local``) and the Ray entrypoints in ``cluster/``,
-which hand over a checkpoint (a directory, or one already loaded) and the metric history.
+which hand over a checkpoint (a directory, or one already loaded) and the metric history, and
+print :func:`run_summary` last. ``python -m mve.runs DIR`` prints the summary of a finished
+run (``make run`` ends with it).
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
+import math
 import os
+import shlex
 import shutil
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +27,7 @@ from mve.checkpoint import (
     Checkpoint,
     CheckpointError,
     load_checkpoint,
+    read_meta,
     save_checkpoint,
     unflatten_state,
     verify_checkpoint,
@@ -30,7 +37,7 @@ from mve.models import get_spec
 from mve.report import vae_grids, write_run_report
 
 __all__ = ["latest_checkpoint", "keep_checkpoint", "publish_checkpoint", "checkpoint_history",
-           "eval_details", "finalize_run"]
+           "eval_details", "finalize_run", "headline", "run_summary", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -138,5 +145,77 @@ def finalize_run(out: str | Path, final_ckpt: Path | Checkpoint, *, cfg: TrainCo
     write_run_report(out, title=f"mve {cfg.model}", cfg_yaml=cfg.to_yaml(), history=history,
                      eval_metrics=details, class_names=meta.get("class_names"), task=task,
                      command=command)
-    logger.info("wrote checkpoint and report to %s", out)
+    # DEBUG: the run's summary (run_summary) says where the checkpoint and report are
+    logger.debug("wrote checkpoint and report to %s", out)
     return details
+
+
+def _number(v: Any) -> float | None:
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    return float(v) if ok else None
+
+
+def headline(model_name: str, metrics: dict[str, Any]) -> str:
+    """The metric a run of ``model_name`` is judged by, as one phrase: ``val_accuracy 0.7390
+    (73.9%)``, or ``val_elbo_bpd 4.5120 bits/dim, val_psnr 24.10 dB`` for the VAE."""
+    spec = get_spec(model_name)
+    value = _number(metrics.get(spec.metric))
+    if value is None:
+        return f"no {spec.metric} recorded"
+    if spec.task == "classification":
+        text = f"{spec.metric} {value:.4f} ({value:.1%})"
+    else:
+        text = f"{spec.metric} {value:.4f} bits/dim"
+        if (psnr := _number(metrics.get("val_psnr"))) is not None:
+            text += f", val_psnr {psnr:.2f} dB"
+    epoch = metrics.get("epoch")
+    return f"{text} at epoch {epoch}" if epoch is not None else text
+
+
+def run_summary(out: str | Path, *, title: str,
+                extra: Sequence[tuple[str, str]] = ()) -> str:
+    """The lines that end a training run or a search: the headline metric, where the
+    checkpoint, REPORT.md and plots are, ``extra`` ``(label, text)`` rows, and the command
+    that serves the checkpoint. Printed, not logged: it is the result, shown even with -q.
+    Reads the checkpoint's ``mve.json`` only.
+    """
+    out = Path(out)
+    meta = read_meta(out)
+    model = meta["model_name"]
+    rows = [("result", headline(model, meta.get("metrics") or {})), ("checkpoint", str(out))]
+    if (out / "REPORT.md").is_file():
+        rows.append(("report", str(out / "REPORT.md")))
+    plots = sorted(p.name for p in out.glob("*.png"))
+    if plots:
+        rows.append(("plots", f"{', '.join(plots)} (in the checkpoint)"))
+    rows += list(extra)
+    # `mve serve` names its model options after the registry's families (serve_app/families.py)
+    rows.append(("serve it", f"mve serve --{model} {shlex.quote(str(out))}"))
+    return "\n".join([title, *_rows(rows)])
+
+
+def _rows(rows: Sequence[tuple[str, str]]) -> list[str]:
+    """``label  text`` lines with the texts aligned; a text's own line breaks (a long list
+    the caller wrapped) continue under it. Nothing is wrapped here: paths and commands stay
+    whole, to be copied."""
+    indent = max(len(label) for label, _ in rows)
+    pad = "\n" + " " * (indent + 4)
+    return [f"  {label.ljust(indent)}  {text.replace(chr(10), pad)}" for label, text in rows]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m mve.runs DIR [--title T]``: the summary of a finished run."""
+    p = argparse.ArgumentParser(prog="python -m mve.runs", description=main.__doc__)
+    p.add_argument("checkpoint", help="a run's output directory (a checkpoint)")
+    p.add_argument("--title", help="the first line (default: the directory)")
+    args = p.parse_args(argv)
+    try:
+        print(run_summary(args.checkpoint, title=args.title or f"run {args.checkpoint}"))
+    except CheckpointError as exc:
+        print(f"python -m mve.runs: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

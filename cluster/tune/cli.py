@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from cluster.tune.report import format_summary
@@ -127,11 +126,13 @@ def _output_options(p: argparse.ArgumentParser) -> None:
                    help="S3-compatible endpoint for s3:// storage, e.g. http://minio:9000")
     o.add_argument("--name", help="experiment name; the same name resumes (default tune-MODEL)")
     o.add_argument("--out", metavar="DIR", help="report directory (default runs/tune-MODEL)")
-    o.add_argument("-q", "--quiet", action="store_true",
-                   help="only warnings, errors and the final summary")
+    # SUPPRESS: when not given here, `mve -q tune` keeps the -q parsed before the command
+    # (argparse copies a subcommand's defaults over the main parser's values)
+    o.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="only warnings, errors and the final summary (also -v 0)")
     o.add_argument("-v", "--verbose", type=int, default=1, choices=[0, 1, 2],
-                   help="Tune's progress output: 0 silent, 1 status table (default), "
-                        "2 every result")
+                   help="the search's progress: 0 none, 1 a compact table of the trials "
+                        "(default), 2 also a line per result and mve's epoch lines")
 
 
 def tune_parent() -> argparse.ArgumentParser:
@@ -161,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
     space, config or data path, a different search under an existing name) raise
     :class:`mve.errors.UserError` for :func:`mve.errors.run_command` to print.
     """
+    args.quiet = getattr(args, "quiet", False)  # absent: neither `mve -q` nor `tune -q`
     setup_logging(quiet=args.quiet)
     settings = prepare(args)
     import ray  # only now: a command line that fails its checks never loads Ray
@@ -177,13 +179,13 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if started:
             ray.shutdown()
-    return _finish(settings.out, summary)
+    return _finish(summary)
 
 
-def _finish(out: Path, summary: Mapping[str, Any]) -> int:
-    """Prints the summary; the exit code says whether the search finished."""
-    print(format_summary(summary))
-    print(f"report: {out}")
+def _finish(summary: Mapping[str, Any]) -> int:
+    """Prints the summary (on stdout, even with -q: it is the result); the exit code says
+    whether the search finished."""
+    print(format_summary(summary), flush=True)
     if summary["unfinished"]:
         print(f"mve tune: the search was interrupted with {summary['unfinished']} trial(s) "
               f"unfinished; rerun the same command to resume it", file=sys.stderr)

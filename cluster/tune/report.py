@@ -22,12 +22,11 @@ import csv
 import io
 import logging
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import yaml
 
 from mve.atomic import write_json, write_text
 from mve.config import TrainConfig
@@ -335,17 +334,44 @@ def _export_best(out: Path, cfg: TrainConfig, ckpt: Checkpoint | None, *, metric
     return entries
 
 
+def _near(path: str) -> str:
+    """``path`` relative to the working directory when it lies under it (Ray keeps the
+    experiment's path absolute; the user gave a relative one), else as it is (s3://...)."""
+    if "://" in path:
+        return path
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
 def format_summary(summary: Mapping[str, Any]) -> str:
-    """A few human lines for the end of ``python -m cluster.tune``."""
-    lines = [f"{summary['trials']} trials: {summary['terminated']} finished "
-             f"({summary['stopped_early']} stopped early by ASHA), {summary['errored']} errored"]
+    """The lines that end ``mve tune``: how the trials ended, then the best checkpoint's
+    summary (:func:`mve.runs.run_summary`: metric, checkpoint, REPORT.md, plots, the serve
+    command) with the best params and the search's own outputs."""
+    from cluster.tune.progress import format_value, short_names
+    from mve.runs import run_summary
+
+    title = [f"mve tune {summary['model']}: {summary['trials']} trials, {summary['terminated']} "
+             f"finished ({summary['stopped_early']} stopped early by ASHA), "
+             f"{summary['errored']} errored{' (resumed)' if summary.get('resumed') else ''}"]
+    rows: list[tuple[str, str]] = []
     if "best_trial_id" in summary:
-        lines.append(f"best trial {summary['best_trial_id']}: {summary['metric']} = "
-                     f"{summary['best_value']:.4f} at epoch {summary['best_epoch']}")
-        params = yaml.safe_dump(summary.get("best_params", {}), sort_keys=False,
-                                default_flow_style=False).strip()
-        lines += ["  " + line for line in params.splitlines()]
-    for key in ("results_md", "best_yaml", "best_checkpoint"):
-        if key in summary:
-            lines.append(f"{key.replace('_', ' ')}: {summary[key]}")
-    return "\n".join(lines)
+        title.append(f"best trial {summary['best_trial_id']}: {summary['metric']} "
+                     f"{summary['best_value']:.4f} at epoch {summary['best_epoch']} of "
+                     f"{summary['max_epochs']}")
+        params = summary.get("best_params") or {}
+        names = short_names(list(params))
+        # wrapped here: the summary's other rows are paths and commands, kept whole
+        rows.append(("params", "\n".join(textwrap.wrap(", ".join(
+            f"{names[k]}={format_value(v)}" for k, v in params.items()), width=80))))
+    out = Path(summary["results_md"]).parent
+    rows += [("results", f"{summary['results_md']} (every trial)"),
+             ("search plots", f"trial_curves.png, param_importance.png in {out}"),
+             ("ray storage", _near(str(summary["experiment_path"]))),
+             ("tensorboard", f"tensorboard --logdir {_near(str(summary['experiment_path']))}")]
+    if "best_yaml" in summary:
+        rows.append(("retrain", f"mve train {summary['model']} --config {summary['best_yaml']}"))
+    if "best_checkpoint" in summary:
+        return run_summary(summary["best_checkpoint"], title="\n".join(title), extra=rows)
+    return "\n".join([*title, *(f"  {label}: {text}" for label, text in rows)])

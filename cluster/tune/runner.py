@@ -9,7 +9,8 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from cluster.tune.experiment import (
     write_text,
 )
 from cluster.tune.placement import final_sweep, placement_group_reaper
+from cluster.tune.progress import CompactReporter
 from cluster.tune.report import TIME_ATTR, TrialRecord, select_best, write_outputs
 from cluster.tune.settings import TuneSettings
 from cluster.tune.trainables import trainable, trial_setup
@@ -88,7 +90,55 @@ def _callbacks(s: TuneSettings, mlflow: Any | None) -> list[Any]:
     return callbacks
 
 
+def _console(s: TuneSettings) -> dict[str, Any]:
+    """The ``RunConfig`` fields of the search's console: mve's compact table (``-v 1``, plus a
+    line per result with ``-v 2``) through Tune's legacy output engine, whose verbosity 1
+    prints only what the reporter prints; nothing with ``-v 0`` (``-q``)."""
+    reporter = CompactReporter(name=s.name, metric=s.metric, mode=s.mode,
+                               param_keys=list(s.space.params), max_epochs=s.max_epochs,
+                               level=s.verbose)
+    return {"progress_reporter": reporter, "verbose": min(s.verbose, 1)}
+
+
+@contextmanager
+def _legacy_output() -> Iterator[None]:
+    """Tune's legacy output engine while the search runs: the new one (the default since Ray
+    2.6) ignores a passed-in reporter. Restored afterwards: other Tune runs in this process
+    (tests) keep Ray's default."""
+    saved = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = saved
+
+
+def _say_plan(s: TuneSettings, concurrent: int) -> dict[str, Any] | None:
+    """Logs the plan in a few short lines; returns the base config's point in the space (the
+    first trial), or None when the base config lies outside it."""
+    gpu = f" + {s.gpus_per_trial:g} GPU" if s.gpus_per_trial else ""
+    logger.info("new search %s: %d samples x <= %d epochs of %s, %s %s", s.name, s.samples,
+                s.max_epochs, s.model, s.mode, s.metric)
+    logger.info("ASHA(grace %d, reduction %g) + Optuna(seed %d); %d concurrent trial(s) of %d "
+                "worker(s) x %g CPU%s", s.grace_period, s.reduction_factor, s.seed, concurrent,
+                s.workers_per_trial, s.cpus_per_trial, gpu)
+    point, outside = s.space.base_point(s.base.to_dict())
+    searched = f"{len(s.space.params)} searched params ({Path(s.space.source).name})"
+    if point is not None:
+        logger.info("%s; the first trial is the base config's own values", searched)
+        logger.debug("the base config's point: %s", point)
+    else:
+        shown = ", ".join(outside[:3]) + (f" and {len(outside) - 3} more" if outside[3:] else "")
+        logger.info("%s; the base config lies outside the space at %s: no trial starts from it",
+                    searched, shown)
+    return point
+
+
 def _new_tuner(s: TuneSettings, store: _Store, fn: Any, mlflow: Any | None = None) -> Any:
+    import optuna
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -97,20 +147,8 @@ def _new_tuner(s: TuneSettings, store: _Store, fn: Any, mlflow: Any | None = Non
     concurrent = s.max_concurrent or max_concurrent_trials(
         ray.cluster_resources(), workers=s.workers_per_trial, cpus=s.cpus_per_trial,
         gpus=s.gpus_per_trial)
-    logger.info(
-        "new search %s: %d samples x <= %d epochs of %s, %s %s; ASHA(grace %d, reduction "
-        "%g) + Optuna(seed %d); %d concurrent trial(s) of %d worker(s) x %g CPU%s; %d "
-        "searched params from %s", store.exp_path, s.samples, s.max_epochs, s.model, s.mode,
-        s.metric, s.grace_period, s.reduction_factor, s.seed, concurrent,
-        s.workers_per_trial, s.cpus_per_trial,
-        f" + {s.gpus_per_trial:g} GPU" if s.gpus_per_trial else "", len(s.space.params),
-        s.space.source)
-    point, outside = s.space.base_point(s.base.to_dict())
-    if point is not None:
-        logger.info("the first trial is the base config's own values: %s", point)
-    else:
-        logger.info("the base config lies outside the space at %s: no trial starts from it",
-                    ", ".join(outside))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created": noise here
+    point = _say_plan(s, concurrent)
     # a trial at max_t ends by itself (Train-run trials then shut their worker group down
     # cleanly), hence stop_last_trials=False
     scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=s.max_epochs,
@@ -131,8 +169,7 @@ def _new_tuner(s: TuneSettings, store: _Store, fn: Any, mlflow: Any | None = Non
                 num_to_keep=2, checkpoint_score_attribute=s.metric,
                 checkpoint_score_order=s.mode),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
-            callbacks=_callbacks(s, mlflow),
-            verbose=s.verbose))
+            callbacks=_callbacks(s, mlflow), **_console(s)))
 
 
 def _tuner(s: TuneSettings, store: _Store, mlflow: Any | None) -> tuple[Any, bool]:
@@ -147,22 +184,39 @@ def _tuner(s: TuneSettings, store: _Store, mlflow: Any | None) -> tuple[Any, boo
         check_spec(store.fs, store.exp_on_fs, store.exp_path, spec_text)
         tuner = tune.Tuner.restore(store.exp_path, fn, resume_unfinished=True,
                                    resume_errored=True, storage_filesystem=store.storage_fs)
+        _restore_console(s, tuner)
         _say_resuming(s, store, tuner)
         return tuner, True
     write_text(store.fs, f"{store.exp_on_fs}/{SPEC_FILE}", spec_text)
     return _new_tuner(s, store, fn, mlflow), False
 
 
+def _restore_console(s: TuneSettings, tuner: Any) -> None:
+    """A restored Tuner runs with the run config it was started with (``Tuner.restore`` takes
+    none): this run's console replaces the recorded one, so that ``-q`` on a rerun is quiet
+    and an experiment started before the compact table gets it. The run config is reached
+    through the Tuner's internal one, the only handle Ray 2.60 offers; under Ray Client there
+    is none and the recorded console stays."""
+    internal = getattr(tuner, "_local_tuner", None)
+    if internal is None or not hasattr(internal, "get_run_config"):
+        logger.debug("restored search: keeping its recorded console settings")
+        return
+    run_config = internal.get_run_config()
+    for key, value in _console(s).items():
+        setattr(run_config, key, value)
+
+
 def _say_resuming(s: TuneSettings, store: _Store, tuner: Any) -> None:
-    """One line, always shown: a rerun that trains nothing must not look like a new search."""
+    """Always shown: a rerun that trains nothing must not look like a new search."""
     try:
         done = tuner.get_results().num_terminated
     except Exception:  # noqa: BLE001 - the count is a courtesy; the restore itself worked
         done = None
     count = "?" if done is None else done
-    print(f"resuming the search: experiment {s.name} in {store.exp_path} ({count} of "
-          f"{s.samples} trials done; finished trials are not rerun; a new --name starts a new "
-          "search)", file=sys.stderr, flush=True)
+    print(f"resuming the search: experiment {s.name} ({count} of {s.samples} trials done)\n"
+          f"  in {store.exp_path}\n"
+          "  finished trials are not rerun; a new --name starts a new search",
+          file=sys.stderr, flush=True)
 
 
 def run_search(s: TuneSettings) -> dict[str, Any]:
@@ -183,7 +237,8 @@ def run_search(s: TuneSettings) -> dict[str, Any]:
                     if parent.active else None)
         tuner, resumed = _tuner(s, store, callback)
         started = time.perf_counter()
-        grid = tuner.fit()
+        with _legacy_output():
+            grid = tuner.fit()
         elapsed = time.perf_counter() - started
         if s.workers_per_trial > 1:
             final_sweep()
