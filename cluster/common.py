@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +17,8 @@ import ray
 
 from mve.errors import UserError
 
-__all__ = ["init_ray", "check_gpus", "scalar_metrics", "fetch_checkpoint"]
+__all__ = ["init_ray", "plain_prefixes", "explicit_token_auth", "check_gpus", "scalar_metrics",
+           "fetch_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +27,39 @@ logger = logging.getLogger(__name__)
 # loopback instead of every interface. Verified with the socket table (tests/integration/
 # test_listening_sockets.py); serve_app/embedded.py does the same for `mve serve`.
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+
+
+def plain_prefixes() -> None:
+    """Ray's prefix of each forwarded worker line (``(RayTrainWorker pid=...)``) without ANSI
+    colour codes when the output goes to a file or a pipe, where they are noise.
+
+    Ray colours the prefix unless ``RAY_COLOR_PREFIX=0``, which the driver reads as it prints
+    (``ray._private.worker.print_to_stdstream``), so setting it here, at any time before
+    workers print, is enough. A value the user set is kept.
+    """
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+
+
+def explicit_token_auth() -> None:
+    """Token authentication for an embedded Ray, asked for explicitly.
+
+    Ray (2.52 and later) turns token auth on for every new local instance when
+    ``RAY_AUTH_MODE`` is unset, and then warns on every start ("Token authentication is
+    enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out"). The embedded Ray
+    binds loopback only, but other users of the machine can reach loopback ports, so the token
+    stays on; saying so ourselves is what silences the warning. Ray then creates
+    ``~/.ray/auth_token`` if it is missing, as before. A mode the user set, ``disabled``
+    included, is left alone, as Ray itself leaves it. Not for ``--address``: a cluster's mode
+    is its own.
+    """
+    if os.environ.get(AUTH_MODE_ENV) is not None:
+        return
+    from ray._raylet import Config
+
+    os.environ[AUTH_MODE_ENV] = "token"  # for the processes ray.init starts, as Ray would set
+    Config.initialize("")  # this process read the mode when ray was imported (as Ray does)
 
 
 @contextmanager
@@ -70,11 +105,13 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
     """
     if ray.is_initialized():
         return False
+    plain_prefixes()
     # Inside `ray job submit` the job supervisor sets RAY_ADDRESS: join that cluster.
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         return False
+    explicit_token_auth()
     # With the dashboard: Ray Train's PlacementGroupCleaner asks the State API (served by the
     # dashboard) about its controller every second, and without one it logs a warning each
     # time (300 lines in a 7-minute `make run`). It listens on loopback only.

@@ -27,9 +27,12 @@ def ray_train_parent() -> argparse.ArgumentParser:
 
 
 def train_parser(prog: str, description: str | None = None) -> argparse.ArgumentParser:
-    """The whole parser of a training entrypoint: mve's train options plus the Ray group."""
+    """The whole parser of a training entrypoint: mve's train options, the Ray group and
+    ``-q``/``-v`` (as ``mve train`` has them)."""
+    from mve.logs import verbosity_parent
     from mve.options import train_parent
 
     return argparse.ArgumentParser(prog=prog, description=description,
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   parents=[train_parent(), ray_train_parent()])
+                                   parents=[train_parent(), ray_train_parent(),
+                                            verbosity_parent()])

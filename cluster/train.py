@@ -45,7 +45,7 @@ from mve.checkpoint import META, CheckpointError, load_checkpoint, verify_checkp
 from mve.config import TrainConfig
 from mve.data import load_data, resolve_data_path
 from mve.errors import run_command
-from mve.logs import plain_stderr, setup_logging
+from mve.logs import driver_level, plain_stderr, setup_logging, worker_logging
 from mve.metrics import per_class_table
 from mve.mlflow_runs import MlflowRun, flat_params, flat_values
 from mve.models import target_metric
@@ -207,7 +207,9 @@ def _resume_point(tmp: Path, rank: int) -> tuple[Path | None, int]:
 def train_fn_per_worker(config: dict) -> None:
     """Ray Train worker: rebuilds the typed config and runs ``mve.train.fit``."""
     # which checkpoint a worker resumes from reaches the driver's output, like mve's epochs
-    plain_stderr("cluster")
+    level = config.get("log_level", logging.INFO)  # the driver's -q/-v
+    worker_logging(level)
+    plain_stderr("cluster", level)
 
     cfg = TrainConfig.from_dict(config["train"])
     ctx = ray.train.get_context()
@@ -287,11 +289,15 @@ def build_trainer(cfg: TrainConfig, cluster: ClusterConfig, data_path: str, *, n
         checkpoint_config=CheckpointConfig(num_to_keep=cluster.num_to_keep,
                                            checkpoint_score_attribute=metric,
                                            checkpoint_score_order=mode),
-        callbacks=list(callbacks))
+        callbacks=list(callbacks),
+        # Ray Train's own progress lines (resources, worker group, reports) only with -v
+        logging_config=ray.train.LoggingConfig(
+            log_level="INFO" if driver_level() < logging.INFO else "WARNING"))
     loop_config = {"train": cfg.to_dict(),
                    "cache_dir": cache_dir or os.environ.get("MVE_CACHE_DIR"),
                    "inject_failure": dict(inject_failure) if inject_failure else None,
-                   "tracking": dict(tracking) if tracking else None}
+                   "tracking": dict(tracking) if tracking else None,
+                   "log_level": driver_level()}
     return ray.train.torch.TorchTrainer(
         train_fn_per_worker, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
@@ -378,7 +384,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m cluster.train``: the same options as ``mve train``."""
     args = train_parser("python -m cluster.train", __doc__).parse_args(argv)
-    setup_logging()
+    setup_logging(quiet=args.quiet, verbose=args.log_verbose)
     return run_command(run, args, prog="cluster.train")
 
 

@@ -33,7 +33,7 @@ from mve.models import config_to_dict, get_spec, make_config
 
 __all__ = [
     "ConfigError", "DataConfig", "OptimConfig", "TrainConfig", "RECIPES", "DEFAULT_RECIPE", "load_train_config", "read_yaml",
-    "parse_overrides", "deep_merge", "RECIPE_NOTES",
+    "parse_overrides", "deep_merge", "RECIPE_NOTES", "FEW_STEPS_PER_EPOCH",
 ]
 
 
@@ -85,6 +85,11 @@ class OptimConfig:
             raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+
+
+# Fewer optimizer steps per epoch than this (a large batch on a small subset) and a short run
+# barely moves from its initialisation: a classifier stays near chance accuracy.
+FEW_STEPS_PER_EPOCH = 4
 
 
 @dataclass(frozen=True)
@@ -155,6 +160,27 @@ class TrainConfig:
             return self
         optim = dataclasses.replace(self.optim, lr=self.optim.lr * batch / self.batch_size)
         return dataclasses.replace(self, batch_size=batch, optim=optim)
+
+    def steps_per_epoch(self, train_size: int, world_size: int = 1) -> int:
+        """Optimizer steps in an epoch of ``train_size`` images over ``world_size`` workers: the
+        last partial batch is dropped when there is a full one (``mve.train.make_loader``)."""
+        global_batch = self.batch_size * max(1, world_size)
+        return max(1, train_size // global_batch)
+
+    def few_steps_note(self, train_size: int, world_size: int = 1) -> str | None:
+        """Why a run may end at chance, when an epoch has fewer than
+        :data:`FEW_STEPS_PER_EPOCH` steps (a large batch on a small subset; a preset's
+        ``min_steps_per_epoch`` shrinks the batch, but never below 32); else None."""
+        steps = self.steps_per_epoch(train_size, world_size)
+        if steps >= FEW_STEPS_PER_EPOCH:
+            return None
+        batch = max(1, train_size // max(1, world_size) // (2 * FEW_STEPS_PER_EPOCH))
+        lr = self.optim.lr * batch / self.batch_size  # as fitted_to scales it
+        return (f"batch_size {self.batch_size} on {train_size} training images "
+                f"({world_size} worker(s)) gives {steps} optimizer step(s) per epoch, too few "
+                f"to learn much: a classifier may end at chance accuracy. Use a smaller batch "
+                f"with the lr scaled to it (e.g. --set batch_size={batch} --set optim.lr={lr:.2g})"
+                f" or more data (a larger --limit).")
 
     def with_data_path(self, path: str | os.PathLike[str]) -> TrainConfig:
         """This config with ``data.path`` set to the resolved source, so that a saved config

@@ -168,6 +168,8 @@ def _setup(cfg: TrainConfig, data: DataBundle, device: torch.device, *, rank: in
                     "steps per epoch (min_steps_per_epoch)", len(data.train), cfg.batch_size,
                     fitted.batch_size, cfg.optim.lr, fitted.optim.lr, cfg.min_steps_per_epoch)
         cfg = fitted
+    if rank == 0:
+        _warn_few_steps(cfg, len(data.train), world_size)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
     task = get_spec(cfg.model).task
@@ -200,6 +202,17 @@ def _setup(cfg: TrainConfig, data: DataBundle, device: torch.device, *, rank: in
                 val_loader=val_loader, optimizer=optimizer, scheduler=scheduler,
                 averager=averager, step_fn=step_fn, start_epoch=start_epoch, history=history,
                 train_time=train_time)
+
+
+_warned_few_steps: set[str] = set()
+
+
+def _warn_few_steps(cfg: TrainConfig, train_size: int, world_size: int) -> None:
+    """The warning of ``TrainConfig.few_steps_note``, once per process for the same sizes."""
+    note = cfg.few_steps_note(train_size, world_size)
+    if note is not None and note not in _warned_few_steps:
+        _warned_few_steps.add(note)
+        logger.warning(note)
 
 
 def _check_classes(cfg: TrainConfig, task: str, data: DataBundle) -> None:

@@ -21,7 +21,7 @@ from cluster.options import ray_train_parent
 from cluster.tune import cli as tune_cli
 from mve import __version__
 from mve.errors import UserError, run_command
-from mve.logs import setup_logging
+from mve.logs import setup_logging, verbosity_parent
 from mve.options import train_parent
 from mve_cli import evaluate, inspect
 from mve_cli.models import models_parent
@@ -94,25 +94,31 @@ def _vae_parser(sub: argparse._SubParsersAction) -> None:
                                    "record the metrics and write REPORT.md with grids.")
     v.set_defaults(handler="mve_cli.evaluate:vae")
     vs = v.add_subparsers(dest="action", required=True, metavar="ACTION")
-    vs.add_parser("fit-prior", parents=[evaluate.fit_prior_parent()],
+    vs.add_parser("fit-prior", parents=[evaluate.fit_prior_parent(), *_verbosity("vae")],
                   help="fit the GMM latent prior into a VAE checkpoint")
-    vs.add_parser("report", parents=[evaluate.report_parent()],
+    vs.add_parser("report", parents=[evaluate.report_parent(), *_verbosity("vae")],
                   help="evaluate a VAE checkpoint and write REPORT.md with grids")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mve", description="mve: train, tune, serve and evaluate CIFAR-scale vision models.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG)
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG,
+        parents=[verbosity_parent()])
     parser.add_argument("--version", action="version", version=f"mve {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (handler, parent, help_, description) in _COMMANDS.items():
-        p = sub.add_parser(name, parents=[parent()], help=help_, description=description,
-                           **_RAW.get(name, {}))
+        p = sub.add_parser(name, parents=[parent(), *_verbosity(name)], help=help_,
+                           description=description, **_RAW.get(name, {}))
         p.set_defaults(handler=handler)
     _vae_parser(sub)
     return parser
+
+
+def _verbosity(command: str) -> list[argparse.ArgumentParser]:
+    """``-q``/``-v`` after the command too (``mve train ... -q``), set only when given so that
+    ``mve -q train`` holds. ``mve tune`` has its own ``-q`` and a ``-v N`` for Tune's output."""
+    return [] if command == "tune" else [verbosity_parent(suppress=True)]
 
 
 def _resolve(handler: str) -> Callable[[argparse.Namespace], int]:
@@ -137,8 +143,11 @@ def train(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(quiet=args.quiet)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quiet and args.log_verbose:  # e.g. `mve -q train ... -v`
+        parser.error("-q/--quiet and -v/--verbose contradict each other; give one")
+    setup_logging(quiet=args.quiet, verbose=args.log_verbose)
     return run_command(lambda a: _resolve(a.handler)(a), args)
 
 

@@ -128,6 +128,7 @@ def serve_command(args: argparse.Namespace) -> int:
         os.environ.update(embedded_env(http_host=args.host))
     import ray
 
+    _console_env(local)
     init, relay = _ray_init_options(args)
     signals = (signal.SIGINT, signal.SIGTERM)
     previous = {s: signal.getsignal(s) for s in signals}
@@ -179,6 +180,24 @@ def _loopback_node() -> Iterator[None]:
             yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+
+
+def _console_env(embedded: bool) -> None:
+    """What ``cluster.common`` does for ``mve train`` and ``mve tune`` (this package does not
+    import that one): the replicas' forwarded lines without ANSI colour codes when the output
+    is not a terminal (Ray colours their prefix unless ``RAY_COLOR_PREFIX=0``), and, for the
+    embedded Ray, token auth asked for explicitly. Ray 2.60 turns it on by default for a new
+    local instance and then warns "Token authentication is enabled ... Set
+    RAY_AUTH_MODE=disabled to opt out"; it stays on (loopback ports are open to every local
+    user) and the warning goes. Values the user set are kept.
+    """
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    if embedded and os.environ.get("RAY_AUTH_MODE") is None:
+        from ray._raylet import Config
+
+        os.environ["RAY_AUTH_MODE"] = "token"
+        Config.initialize("")  # this process read the mode when ray was imported (as Ray does)
 
 
 def _ray_init_options(args: argparse.Namespace) -> tuple[dict[str, Any], MetricsRelay | None]:

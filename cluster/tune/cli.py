@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     :class:`mve.errors.UserError` for :func:`mve.errors.run_command` to print.
     """
     args.quiet = getattr(args, "quiet", False)  # absent: neither `mve -q` nor `tune -q`
-    setup_logging(quiet=args.quiet)
+    setup_logging(quiet=args.quiet, verbose=getattr(args, "log_verbose", False))
     settings = prepare(args)
     import ray  # only now: a command line that fails its checks never loads Ray
 

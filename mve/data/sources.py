@@ -10,10 +10,12 @@ extracted; CIFAR pickles are read with an unpickler that only reconstructs numpy
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pickle
 import posixpath
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,8 @@ from PIL import Image
 from mve.data import cache as _cache
 from mve.data.archives import archive_type, iter_archive
 from mve.data.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DataError", "IMAGE_EXTENSIONS", "RawDataset", "SOURCE_KINDS", "detect_source",
            "load_source"]
@@ -286,6 +290,15 @@ def _decode(p: Path, layout: _Layout, size: int | None, progress: bool):
     return out, labels, is_test, layout.class_names
 
 
+def _announce(p: Path, layout: _Layout, cache: Path | None) -> None:
+    """One INFO line before a decode, on a terminal or not: the first use of a large source
+    takes a while (25 s for CIFAR-10 as JPEGs on 2 cores) and a Ray worker shows no bar."""
+    what = (f"{len(layout.members):,} images" if layout.kind == "image-folder"
+            else f"the {layout.kind} release")
+    where = f"first use; cached in {cache}" if cache is not None else "not cached"
+    logger.info("decoding %s from %s (%s)", what, p, where)
+
+
 def load_source(path: str | os.PathLike, *, image_size: int | None = None,
                 cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
                 progress: bool = False) -> RawDataset:
@@ -314,18 +327,25 @@ def load_source(path: str | os.PathLike, *, image_size: int | None = None,
     else:
         sha = _cache.sha256_file(p)
 
+    cache = _cache.resolve_cache_dir(cache_dir) if use_cache else None
+
     def decode() -> tuple[dict[str, torch.Tensor], dict]:
+        # Only on a cache miss (under the cache's lock: of several processes, such as Ray
+        # workers or Tune trials, the one that decodes says so; the others then read the cache)
+        t0 = time.perf_counter()
         lay = layout if layout is not None else _locate(p, archive)[0]
+        _announce(p, lay, cache)
         images, labels, is_test, classes = _decode(p, lay, image_size, progress)
+        logger.info("decoded %s images from %s in %.1f s", f"{len(images):,}", p.name,
+                    time.perf_counter() - t0)
         tensors = {"images": torch.from_numpy(np.ascontiguousarray(images)),
                    "labels": torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)),
                    "is_test": torch.from_numpy(is_test.astype(np.uint8))}
         return tensors, {"kind": lay.kind, "archive": lay.archive, "class_names": list(classes)}
 
-    if use_cache:
-        tensors, info, hit = _cache.get_or_fill(
-            _cache.resolve_cache_dir(cache_dir), source=str(p), sha256=sha,
-            image_size=image_size, fill=decode)
+    if cache is not None:
+        tensors, info, hit = _cache.get_or_fill(cache, source=str(p), sha256=sha,
+                                                image_size=image_size, fill=decode)
     else:
         (tensors, info), hit = decode(), False
     return RawDataset(kind=info["kind"], archive=info["archive"], images=tensors["images"],

@@ -220,5 +220,6 @@ def test_local_training_prints_its_summary_even_with_q(tmp_path, capsys):
                  "model.fcn_layers=2", "--set", "data.val_size=15", "--set",
                  "batch_size=15"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[-1] == f"  serve it    mve serve --classifier {out}"
+    assert lines[-1].split() == ["serve", "it", "mve", "serve", "--classifier", str(out)]
+    assert lines[-2].split() == ["tensorboard", "tensorboard", "--logdir", str(out / "tensorboard")]
     assert "mve train classifier (local, 1 epoch(s)): done" in lines
