@@ -88,6 +88,13 @@ class ModelMetrics:
         for label, n in collections.Counter(labels).items():
             self.predictions.inc(n, tags={"model": self.model, "class": label})
 
+    def serving(self, checkpoint_id: str) -> None:
+        """Re-asserts ``ray_mve_model_info`` for the checkpoint being served. Ray 2.60's metrics
+        agent drops a gauge value that was not set again within two export intervals (20 s by
+        default), so a value set once at load vanished from Prometheus soon after: the replica
+        calls this on every health check (every 10 s) and every batch."""
+        self.info.set(1, tags={"model": self.model, "checkpoint_id": checkpoint_id})
+
     def swapped(self, ok: bool, old_id: str | None = None, new_id: str | None = None) -> None:
         """Counts a load attempt and moves the info gauge to the new checkpoint."""
         self.swaps.inc(tags={"model": self.model, "outcome": "success" if ok else "failure"})

@@ -137,9 +137,11 @@ class ModelServer:
                      source, why, self._model.id, self._model.source)
 
     def check_health(self) -> None:
-        """Serve health check: a replica without a model is unhealthy."""
+        """Serve health check: a replica without a model is unhealthy. Also keeps the
+        model-info gauge alive between batches (``ModelMetrics.serving``)."""
         if self._model is None:
             raise RuntimeError(f"{self.kind}: no model loaded")
+        self._metrics.serving(self._model.id)
 
     def current(self) -> LoadedModel:
         """The model now being served (503 before the first load)."""
@@ -178,6 +180,8 @@ class ModelServer:
 
     def _observe(self, size: int, seconds: float) -> None:
         self._metrics.batch(size, seconds * 1000, "batch")
+        if self._model is not None:
+            self._metrics.serving(self._model.id)
 
     async def predict(self, model: LoadedModel, x: torch.Tensor) -> torch.Tensor:
         """``_forward`` of ``x`` through the batcher, in chunks of ``max_batch_size``."""

@@ -165,6 +165,17 @@ def test_mve_metrics_on_the_metrics_port(served: Served) -> None:
     assert not missing, missing
 
 
+def test_model_info_outlives_the_gauge_ttl_without_traffic(served: Served) -> None:
+    """Ray drops a gauge value not set again within two export intervals (20 s): the info
+    gauge of each model is still exported 30 s after the last request (it was gone before
+    the replicas re-asserted it on their health checks)."""
+    time.sleep(30)
+    text = urllib.request.urlopen(served.metrics, timeout=10).read().decode()
+    for model in ("classifier", "vae"):
+        assert re.search(rf'ray_mve_model_info\{{[^}}]*checkpoint_id="{model}-[^}}]*\}} 1', text), \
+            f"no model_info for the {model}"
+
+
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                     reason="needs Debian chromium + chromium-driver (.ci/system-deps.sh)")
 def test_web_page_in_headless_chromium(served: Served) -> None:

@@ -3,7 +3,7 @@ head-node failure tests (tests/reliability/test_head_failure.py).
 
 - Redis: Debian's ``redis-server`` on a free loopback port, with a password, an append-only
   file and nothing else.
-- The head: ``ray start --head`` at 127.0.0.1 with ``RAY_REDIS_ADDRESS``, ``--redis-password``
+- The head: ``ray start --head`` at 127.0.0.3 with ``RAY_REDIS_ADDRESS``, ``--redis-password``
   and a fixed external storage namespace, 0 CPUs (as on KubeRay: no replica on the head), its
   own temp dir and ports.
 - The worker: ``ray start --address`` at 127.0.0.2 (another loopback address, so that both
@@ -34,7 +34,10 @@ from serve_app.dataplane import DATAPLANE_ENV, HAPROXY_LAUNCHER, PER_HOST_PORTS,
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-HEAD_IP, WORKER_IP = "127.0.0.1", "127.0.0.2"
+# Not 127.0.0.1 for the head: Ray replaces that address (and "localhost") by the machine's
+# network address, and every byte of the test stays on loopback.
+HEAD_IP, WORKER_IP = "127.0.0.3", "127.0.0.2"
+LOCALHOST = "127.0.0.1"  # where HAProxy reaches the replicas of its own node (Ray's rule)
 HTTP_PORT_ENV = "MVE_TEST_HTTP_PORT"
 
 
@@ -231,7 +234,7 @@ class HaCluster:
 import ray
 from serve_app.deploy import app_config, deploy, load_config
 ray.init(logging_level="WARNING")
-config = app_config(load_config(), {{"classifier": {str(checkpoint)!r}}}, host={HEAD_IP!r},
+config = app_config(load_config(), {{"classifier": {str(checkpoint)!r}}}, host={LOCALHOST!r},
                     port={self.http_port}, **{args!r})
 deploy(config, timeout_s=300)
 """

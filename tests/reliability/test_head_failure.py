@@ -1,6 +1,6 @@
 """The head node dies under load and serving goes on (GCS fault tolerance with a real Redis).
 
-A two-node Ray cluster on loopback (tests/reliability/_ha_cluster.py): the head at 127.0.0.1
+A two-node Ray cluster on loopback (tests/reliability/_ha_cluster.py): the head at 127.0.0.3
 keeps its GCS state in Redis and runs no replica; the worker at 127.0.0.2 runs every Serve
 replica and its own HAProxy, which is where clients connect (the HTTP entry point does not live
 on the head). Under steady load at concurrency 8 on ``/v1/classify``:
