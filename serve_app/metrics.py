@@ -92,7 +92,7 @@ class ModelMetrics:
         """Re-asserts ``ray_mve_model_info`` for the checkpoint being served. Ray 2.60's metrics
         agent drops a gauge value that was not set again within two export intervals (20 s by
         default), so a value set once at load vanished from Prometheus soon after: the replica
-        calls this on every health check (every 10 s) and every batch."""
+        calls this on every health check (every 10 s; not per batch, off the request path)."""
         self.info.set(1, tags={"model": self.model, "checkpoint_id": checkpoint_id})
 
     def swapped(self, ok: bool, old_id: str | None = None, new_id: str | None = None) -> None:

@@ -180,8 +180,6 @@ class ModelServer:
 
     def _observe(self, size: int, seconds: float) -> None:
         self._metrics.batch(size, seconds * 1000, "batch")
-        if self._model is not None:
-            self._metrics.serving(self._model.id)
 
     async def predict(self, model: LoadedModel, x: torch.Tensor) -> torch.Tensor:
         """``_forward`` of ``x`` through the batcher, in chunks of ``max_batch_size``."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,23 +19,20 @@ from pathlib import Path
 
 import pytest
 from _archives import TINY_SPACE, colour_archive  # tests/integration/_archives.py
+from _tensorboard import read_events, session_hparams  # tests/integration/_tensorboard.py
+
+from serve_app.testing import free_port
 
 pytestmark = pytest.mark.ray
 
 mlflow = pytest.importorskip("mlflow")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """``mlflow server`` on loopback; stopped (its whole process group) afterwards."""
     root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
+    port = free_port()
     log = open(root / "server.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
@@ -83,26 +79,6 @@ def local_ray():
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> Path:
     return colour_archive(tmp_path_factory.mktemp("data"), classes=3, per_class=40)
-
-
-def _events(logdir: Path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    ea = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
-    ea.Reload()
-    return ea
-
-
-def _hparams(ea) -> dict:
-    from tensorboard.plugins.hparams import plugin_data_pb2
-
-    out = {}
-    for content in ea.PluginTagToContent("hparams").values():
-        data = plugin_data_pb2.HParamsPluginData.FromString(content)
-        if data.HasField("session_start_info"):
-            for k, v in data.session_start_info.hparams.items():
-                out[k] = getattr(v, v.WhichOneof("kind"))
-    return out
 
 
 def _artifacts(client, run_id: str, path: str | None = None) -> set[str]:
@@ -159,9 +135,9 @@ def test_a_search_is_a_parent_run_with_one_child_per_trial(mlflow_server, local_
     trial_dirs = sorted((storage / "tune-classifier").glob("trial_*"))
     assert {d.name for d in trial_dirs} == {f"trial_{t}" for t in rows}
     for d in trial_dirs:
-        ea = _events(d)
+        ea = read_events(d)
         row = rows[d.name.removeprefix("trial_")]
-        assert _hparams(ea)["optim.lr"] == pytest.approx(float(row["param:optim.lr"]))
+        assert session_hparams(ea)[0]["optim.lr"] == pytest.approx(float(row["param:optim.lr"]))
         assert len(ea.Scalars("val/accuracy")) == int(row["epochs"])
         # Ray's own TensorBoard logger (tags ray/tune/...) is off: one set of files per trial
         assert not [t for t in ea.Tags()["scalars"] if t.startswith("ray/")]
@@ -201,6 +177,6 @@ def test_a_ray_train_run_is_an_mlflow_run_with_its_checkpoint(mlflow_server, loc
     (version,) = client.search_model_versions("name='mve-train-test'")
     assert version.run_id == run.info.run_id
 
-    ea = _events(storage / "tracked" / "tensorboard")
+    ea = read_events(storage / "tracked" / "tensorboard")
     assert [e.step for e in ea.Scalars("val/accuracy")] == [1, 2]
-    assert _hparams(ea)["optim.lr"] == pytest.approx(cfg.optim.lr)
+    assert session_hparams(ea)[0]["optim.lr"] == pytest.approx(cfg.optim.lr)

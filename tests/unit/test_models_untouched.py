@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from _archives import colour_archive  # tests/integration/_archives.py
 
+from serve_app.testing import CIFAR10_CLASSES
+
 REPO = Path(__file__).resolve().parents[2]
-CIFAR = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-         "truck"]
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -43,7 +43,7 @@ def _mve(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProc
 def test_read_only_commands_leave_the_models_byte_identical(models_copy, tmp_path):
     before = _digests(models_copy)
     # the shipped checkpoints record a 5,000-image validation hold-out: 505 per class holds it
-    data = colour_archive(tmp_path / "data", names=CIFAR, per_class=505, noise=10)
+    data = colour_archive(tmp_path / "data", names=CIFAR10_CLASSES, per_class=505, noise=10)
     image = tmp_path / "cat.png"
     shutil.copy(next((tmp_path / "data" / "train" / "cat").iterdir()), image)
     env = {**os.environ, "MVE_DEFAULT_CLASSIFIER": str(models_copy / "cifar10-classifier"),

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _tensorboard import read_events, session_hparams  # tests/integration/_tensorboard.py
 from test_train import SMALL, synthetic_bundle  # tests/unit/test_train.py
 
 from mve.config import load_train_config
@@ -17,30 +18,6 @@ from mve.tracking import EpochTracker, tag_of
 from mve.train import fit, tracker_for
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def read_events(logdir: Path):
-    """TensorBoard's own reader over one run directory."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    ea = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "images": 0})
-    ea.Reload()
-    return ea
-
-
-def session_hparams(ea) -> tuple[dict, list[str]]:
-    """The hparams plugin's hyperparameters and metric tags of a run, as TensorBoard reads them."""
-    from tensorboard.plugins.hparams import plugin_data_pb2
-
-    values, metrics = {}, []
-    for content in ea.PluginTagToContent("hparams").values():
-        data = plugin_data_pb2.HParamsPluginData.FromString(content)
-        if data.HasField("session_start_info"):
-            for k, v in data.session_start_info.hparams.items():
-                values[k] = v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
-        if data.HasField("experiment"):
-            metrics += [m.name.tag for m in data.experiment.metric_infos]
-    return values, metrics
 
 
 def sqlite_store(tmp_path: Path, experiment: str) -> str:
