@@ -1,14 +1,16 @@
-"""Accuracy and CPU speed of each test-time augmentation (TTA) mode of a classifier checkpoint.
+"""Accuracy and CPU speed of each test-time augmentation (TTA) mode and serving precision of a
+classifier checkpoint.
 
     python bench/bench_tta.py [--checkpoint models/cifar10-classifier]
         [--data ../shared/data/cifar10-train-jpeg.tar.gz] [--threads 2] [--repeats 7]
-        [--out FILE.md]
+        [--precisions fp32 bf16] [--out FILE.md]
 
 Accuracy is on exactly the validation split ``mve evaluate`` uses (the checkpoint's recorded
 ``val_size`` and ``split_seed``, its mean/std, batch 500), in eval mode, which is deterministic:
 one checkpoint, one evaluation, n=1. The 95% interval is the Wilson score interval of that
 accuracy over the validation images; "differs" counts images whose predicted class is not the
-``none`` prediction. Speed is the model alone (no decoding or HTTP) on the CPU with ``--threads``
+``none`` prediction of the same precision, "differs from fp32" those whose class is not the
+fp32 prediction of the same mode (bf16 is :class:`mve.inference.Precision`, as served). Speed is the model alone (no decoding or HTTP) on the CPU with ``--threads``
 threads: the median of ``--repeats`` timed loops per (mode, batch), each after two untimed calls;
 the repeats are interleaved across modes and batches so that other load on the machine spreads
 over all cells alike.
@@ -27,7 +29,7 @@ import torch
 
 from mve.checkpoint import load_checkpoint
 from mve.data import TensorLoader, load_data
-from mve.inference import for_inference
+from mve.inference import Precision, for_inference
 
 MODES = ("none", "flip", "flip_translate")
 BATCHES = (1, 8, 32)
@@ -68,14 +70,15 @@ def predictions(model: torch.nn.Module, loader: TensorLoader) -> tuple[torch.Ten
 
 
 @torch.inference_mode()
-def speed(model, images: torch.Tensor, repeats: int) -> dict[tuple[str, int], float]:
-    """Median seconds per forward call for each (mode, batch), repeats interleaved."""
-    model.eval()
-    cells = [(m, b) for m in MODES for b in BATCHES]
+def speed(models: dict[str, Precision], images: torch.Tensor,
+          repeats: int) -> dict[tuple[str, str, int], float]:
+    """Median seconds per forward call for each (precision, mode, batch), repeats interleaved."""
+    cells = [(p, m, b) for p in models for m in MODES for b in BATCHES]
     loops = {b: max(2, 64 // b) for b in BATCHES}  # ~0.1-0.5 s per timed loop
-    times: dict[tuple[str, int], list[float]] = {c: [] for c in cells}
+    times: dict[tuple[str, str, int], list[float]] = {c: [] for c in cells}
     for rep in range(repeats + 1):  # the first round is a warm-up
-        for mode, b in cells:
+        for prec, mode, b in cells:
+            model = models[prec]
             model.set_tta(mode)
             x = images[:b]
             model(x), model(x)  # untimed: the first calls after a shape change run slower
@@ -83,21 +86,42 @@ def speed(model, images: torch.Tensor, repeats: int) -> dict[tuple[str, int], fl
             for _ in range(loops[b]):
                 model(x)
             if rep:
-                times[(mode, b)].append((time.perf_counter() - t) / loops[b])
+                times[(prec, mode, b)].append((time.perf_counter() - t) / loops[b])
     return {c: statistics.median(v) for c, v in times.items()}
 
 
 def table(rows: list[dict], header: str) -> str:
-    cols = ["mode", "views", "val accuracy", "95% Wilson", "differs from none",
+    cols = ["precision", "mode", "views", "val accuracy", "95% Wilson", "differs from none",
+            "differs from fp32",
             *(f"img/s @ b={b}" for b in BATCHES), "ms per b=1 call"]
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lo, hi = r["ci"]
-        cells = [f"`{r['mode']}`", str(r["views"]), f"{100 * r['acc']:.2f}%",
-                 f"{100 * lo:.2f}-{100 * hi:.2f}%", f"{r['differs']:,}",
+        cells = [r["precision"], f"`{r['mode']}`", str(r["views"]), f"{100 * r['acc']:.2f}%",
+                 f"{100 * lo:.2f}-{100 * hi:.2f}%", f"{r['differs']:,}", f"{r['vs_fp32']:,}",
                  *(f"{b / r['s'][b]:.0f}" for b in BATCHES), f"{1e3 * r['s'][1]:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def accuracy_rows(models: dict[str, Precision], loader: TensorLoader) -> list[dict]:
+    """One row per (precision, mode): accuracy, its interval and the changed predictions."""
+    rows, preds = [], {}
+    for prec, model in models.items():
+        for mode in MODES:
+            model.set_tta(mode)
+            t = time.perf_counter()
+            pred, labels = predictions(model, loader)
+            preds[(prec, mode)] = pred
+            k, n = int((pred == labels).sum()), len(labels)
+            fp32 = preds.get(("fp32", mode), pred)
+            rows.append({"precision": prec, "mode": mode, "views": {"none": 1, "flip": 2}.get(mode, 6),
+                         "acc": k / n, "ci": wilson(k, n), "n": n,
+                         "differs": int((pred != preds[(prec, "none")]).sum()),
+                         "vs_fp32": int((pred != fp32).sum())})
+            print(f"{prec} {mode}: {k}/{n} correct ({time.perf_counter() - t:.1f} s)",
+                  file=sys.stderr)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                    default=str(ROOT.parent / "shared" / "data" / "cifar10-train-jpeg.tar.gz"))
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--repeats", type=int, default=7, help="timed loops per cell (median; >= 5)")
+    p.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],
+                   help="serving precisions to compare (fp32 always runs first)")
     p.add_argument("--as-loaded", action="store_true", help="time the model as load_checkpoint "
                    "returns it (default: as mve serves it, mve.inference.for_inference)")
     p.add_argument("--out", help="also write the Markdown table to this file")
@@ -116,27 +142,19 @@ def main(argv: list[str] | None = None) -> int:
     model, shipped_mode = ckpt.model, ckpt.model.config.tta
     if not args.as_loaded:
         for_inference(model)
-    rows, base = [], None
-    for mode in MODES:
-        model.set_tta(mode)
-        t = time.perf_counter()
-        pred, labels = predictions(model, loader)
-        base = pred if base is None else base
-        k, n = int((pred == labels).sum()), len(labels)
-        rows.append({"mode": mode, "views": {"none": 1, "flip": 2}.get(mode, 6), "acc": k / n,
-                     "ci": wilson(k, n), "differs": int((pred != base).sum())})
-        print(f"{mode}: {k}/{n} correct ({time.perf_counter() - t:.1f} s)", file=sys.stderr)
+    precisions = ["fp32", *(x for x in args.precisions if x != "fp32")]
+    models = {prec: Precision(model, prec).eval() for prec in precisions}
+    rows = accuracy_rows(models, loader)
     images = next(iter(loader))[0][:max(BATCHES)]
-    s = speed(model, images, max(5, args.repeats))
+    s = speed(models, images, max(5, args.repeats))
     for r in rows:
-        r["s"] = {b: s[(r["mode"], b)] for b in BATCHES}
-    model.set_tta(shipped_mode)
+        r["s"] = {b: s[(r["precision"], r["mode"], b)] for b in BATCHES}
     recorded = ckpt.metrics.get("val_accuracy")
     header = (f"### TTA modes of `{ckpt.checkpoint_id}` ({time.strftime('%Y-%m-%d')})\n\n"
               f"`python bench/bench_tta.py {' '.join(sys.argv[1:] if argv is None else argv)}` - "
-              f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, CPU. "
-              f"Validation split of {n:,} images (n=1: one checkpoint, deterministic eval); "
-              f"shipped mode `{shipped_mode}`, recorded val accuracy "
+              f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU. "
+              f"Validation split of {rows[0]['n']:,} images (n=1: one checkpoint, deterministic "
+              f"eval); shipped mode `{shipped_mode}`, recorded val accuracy "
               f"{'?' if recorded is None else f'{100 * recorded:.2f}%'}. Speed: model only "
               f"({'as loaded' if args.as_loaded else 'as served: channels-last weights'}), "
               f"median of {max(5, args.repeats)} interleaved timed loops.")

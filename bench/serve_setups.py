@@ -8,12 +8,15 @@ everything it started) and is ready when its health route answers 200.
 - ``bare``, ``bare-batched``, ``litserve``, ``triton``: the peers in ``bench/peers/``, with the
   model as ``load_checkpoint`` returns it (what their users would run);
 - ``bare-batched-opt``: a reference, not a peer: the batched bare server given the model
-  optimization ``mve serve`` applies (``mve.inference.for_inference``), so that the table also
-  shows what the data plane alone is worth;
+  optimizations ``mve serve`` applies (``mve.inference``: channels-last weights, and bfloat16
+  where the CPU has it natively), so that the table also shows what the data plane alone is
+  worth;
 - ``mve-old``: the data plane before the one-hop change (HTTP proxy -> FastAPI ingress
   replica -> model replica, ``@serve.batch``), the ``serve_app`` of git revision ``--old-rev``
   run by its own ``serve`` command, 1 replica per deployment;
 - ``mve``: ``mve serve`` (HAProxy -> the model replica), 1 replica per application;
+- ``mve-fp32``: the same with ``--precision fp32`` (the default ``auto`` is bfloat16 on a CPU
+  with native bfloat16): mve's data plane with the peers' arithmetic;
 - ``mve-allthreads``: the same with ``--torch-threads`` at the machine's CPUs (the default
   before it became the CPUs minus one: torch threads then share a core with the replica's
   event loop, HAProxy and the client).
@@ -44,7 +47,7 @@ PEER_FORMATS = {"bare": ALL_FORMATS, "bare-batched": ALL_FORMATS, "litserve": AL
 PEER_SCRIPTS = {"bare": "bare.py", "bare-batched": "bare_batched.py",
                 "litserve": "litserve_server.py", "triton": "triton_server.py",
                 "bare-batched-opt": "bare_batched.py"}
-SETUPS = (*PEER_SCRIPTS, "mve-old", "mve", "mve-allthreads")
+SETUPS = (*PEER_SCRIPTS, "mve-old", "mve", "mve-fp32", "mve-allthreads")
 
 __all__ = ["SETUPS", "ALL_FORMATS", "Context", "Server", "start"]
 
@@ -247,6 +250,8 @@ def start(name: str, ctx: Context) -> Server:
     """Starts setup ``name`` and waits until it is ready."""
     if name == "mve":
         return _mve(ctx)
+    if name == "mve-fp32":
+        return _mve(ctx, name, ("--precision", "fp32"))
     if name == "mve-allthreads":
         return _mve(ctx, name, ("--torch-threads", str(os.cpu_count() or 1)))
     if name == "mve-old":

@@ -42,7 +42,7 @@ class ClassifierServer(ModelServer):
     """The image classifier behind its own routes; batched, hot-swappable."""
 
     def _forward(self, model: LoadedModel, x: torch.Tensor) -> torch.Tensor:
-        return model.ckpt.model(x).float().softmax(dim=-1)
+        return model.runner(x).float().softmax(dim=-1)
 
     async def probabilities(self, model: LoadedModel, images: list[np.ndarray]) -> np.ndarray:
         """``[N, K]`` class probabilities of decoded RGB images of any size."""

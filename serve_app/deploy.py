@@ -27,7 +27,8 @@ __all__ = ["DEFAULT_CONFIG", "APP_NAME", "USER_CONFIG_KEYS", "load_config",
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
 APP_NAME = "mve"  # the front application; the model apps are named after their model
 # What `app_config(...)` keyword arguments set in each model deployment's user_config.
-USER_CONFIG_KEYS = ("max_batch_size", "batch_wait_timeout_s", "tta", "torch_threads")
+USER_CONFIG_KEYS = ("max_batch_size", "batch_wait_timeout_s", "tta", "torch_threads",
+                    "precision")
 
 
 def load_config(path: str | Path | None = None) -> dict[str, Any]:

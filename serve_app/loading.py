@@ -2,23 +2,29 @@
 
 ``load_model(source, kind)`` fetches a remote checkpoint (``s3://``, ``gs://``; ``AWS_ENDPOINT_URL``
 for MinIO) into a temporary directory, loads it with :func:`mve.checkpoint.load_checkpoint`
-(hash-verified, never unpickles) and checks that it is the expected model family.
+(hash-verified, never unpickles) and checks that it is the expected model family. A
+classifier answers through :class:`mve.inference.Precision` (``runner``): fp32, or a bfloat16
+copy where the CPU computes bfloat16 natively (``precision: auto``). :func:`with_precision`
+makes a new :class:`LoadedModel` of the same checkpoint in another precision, without reading
+the checkpoint again; being a new object, its requests never share a batch with the old one's.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+
+from torch import nn
 
 from mve.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from mve.errors import UserError
 from mve.images import input_size
-from mve.inference import for_inference
+from mve.inference import Precision, for_inference, resolve_precision
 from mve.models import get_spec
 from mve.storage import local_directory
 
-__all__ = ["LoadedModel", "load_model"]
+__all__ = ["LoadedModel", "load_model", "with_precision"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,11 @@ class LoadedModel:
     source: str
     ckpt: Checkpoint
     loaded_at: float
+    runner: nn.Module  # what answers: ckpt.model itself, or a Precision wrapper of it
+
+    @property
+    def precision(self) -> str:
+        return getattr(self.runner, "precision", "fp32")
 
     @property
     def id(self) -> str:
@@ -43,7 +54,25 @@ class LoadedModel:
         return list(names) if names else []
 
 
-def load_model(source: str, kind: str) -> LoadedModel:
+def _runner(ckpt: Checkpoint, precision: str) -> nn.Module:
+    """The module that answers: a classifier in ``precision``; other families (the VAE, whose
+    samples were not measured in bfloat16) in fp32 whatever ``precision`` says, as they
+    ignore ``tta``."""
+    resolved = resolve_precision(precision)
+    if get_spec(ckpt.model_name).task == "classification":
+        return Precision(ckpt.model, resolved).eval()
+    return ckpt.model
+
+
+def with_precision(model: LoadedModel, precision: str) -> LoadedModel:
+    """``model``'s checkpoint answering in ``precision`` (itself when that is its precision)."""
+    runner = _runner(model.ckpt, precision)
+    if getattr(runner, "precision", "fp32") == model.precision:
+        return model
+    return replace(model, runner=runner, loaded_at=time.time())
+
+
+def load_model(source: str, kind: str, precision: str = "fp32") -> LoadedModel:
     """Loads and checks a checkpoint of model family ``kind`` (blocking; call in a thread)."""
     try:
         with local_directory(source) as path:
@@ -58,4 +87,4 @@ def load_model(source: str, kind: str) -> LoadedModel:
         if not ckpt.class_names or len(ckpt.class_names) != k:
             raise CheckpointError(f"{source}: class_names must list {k} classes")
     input_size(ckpt.preprocessing)
-    return LoadedModel(source, ckpt, time.time())
+    return LoadedModel(source, ckpt, time.time(), _runner(ckpt, precision))

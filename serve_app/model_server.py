@@ -33,7 +33,7 @@ from serve_app.batching import GreedyBatcher
 from serve_app.errors import ApiError
 from serve_app.families import served
 from serve_app.images import decode_images
-from serve_app.loading import LoadedModel, load_model
+from serve_app.loading import LoadedModel, load_model, with_precision
 from serve_app.metrics import ModelMetrics
 from serve_app.oip import InferRequest
 from serve_app.oip_routes import add_oip_routes
@@ -92,8 +92,8 @@ class ModelServer:
     # -- hot swap ----------------------------------------------------------------------------
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Applies a new ``user_config``: batching, TTA and threads live; the checkpoint by
-        load-then-swap."""
+        """Applies a new ``user_config``: batching, TTA and threads live; the checkpoint and
+        the precision by load-then-swap."""
         async with self._swap_lock:
             try:
                 cfg = ModelUserConfig.model_validate(user_config)
@@ -103,28 +103,39 @@ class ModelServer:
             self._batcher.max_batch_size = cfg.max_batch_size
             self._batcher.wait_s = cfg.batch_wait_timeout_s
             self._cfg = cfg
-            if self._model is not None and cfg.checkpoint == self._model.source:
-                await self._batcher.call(self._apply_tta, self._model)
-                return
-            self._status.requested_checkpoint = cfg.checkpoint
+            old = self._model
             try:
-                loaded = await asyncio.to_thread(load_model, cfg.checkpoint, self.kind)
-                self._apply_tta(loaded)
+                if old is not None and cfg.checkpoint == old.source:
+                    loaded = await asyncio.to_thread(with_precision, old, cfg.precision)
+                else:
+                    self._status.requested_checkpoint = cfg.checkpoint
+                    loaded = await asyncio.to_thread(load_model, cfg.checkpoint, self.kind,
+                                                     cfg.precision)
             except Exception as exc:  # noqa: BLE001 - any load failure refuses the swap
                 self._refuse(cfg.checkpoint, f"{type(exc).__name__}: {exc}")
                 return
-            old, self._model = self._model, loaded
-            self._status.swaps += 1
-            self._status.last_error = None
-            self._metrics.swapped(True, old.id if old else None, loaded.id)
-            logger.info("%s: now serving %s from %s (was %s)", self.kind, loaded.id,
-                        cfg.checkpoint, old.id if old else "nothing")
+            # On the model thread: TTA changes the model in place, never during a forward pass.
+            await self._batcher.call(self._apply_tta, loaded)
+            if loaded is not old:
+                self._swap(old, loaded)
+
+    def _swap(self, old: LoadedModel | None, loaded: LoadedModel) -> None:
+        self._model = loaded
+        if old is not None and old.ckpt is loaded.ckpt:
+            logger.info("%s: %s now answers in %s (was %s)", self.kind, loaded.id,
+                        loaded.precision, old.precision)
+            return
+        self._status.swaps += 1
+        self._status.last_error = None
+        self._metrics.swapped(True, old.id if old else None, loaded.id)
+        logger.info("%s: now serving %s from %s in %s (was %s)", self.kind, loaded.id,
+                    loaded.source, loaded.precision, old.id if old else "nothing")
 
     def _apply_tta(self, model: LoadedModel) -> None:
         """Sets the serving TTA mode (``user_config.tta``; None keeps the checkpoint's)."""
         mode = self._cfg.tta if self._cfg else None
-        if mode is not None and hasattr(model.ckpt.model, "set_tta"):
-            model.ckpt.model.set_tta(mode)
+        if mode is not None and hasattr(model.runner, "set_tta"):
+            model.runner.set_tta(mode)
 
     def _refuse(self, source: str, why: str) -> None:
         self._status.failed_swaps += 1
@@ -159,7 +170,8 @@ class ModelServer:
             class_names=m.ckpt.class_names, preprocessing=m.preprocessing,
             metrics=m.ckpt.metrics, loaded_at=m.loaded_at, replica=self._replica,
             max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s,
-            tta=tta, torch_threads=cfg.torch_threads, batches=self._batcher.stats.batches,
+            tta=tta, torch_threads=cfg.torch_threads, precision=m.precision,
+            batches=self._batcher.stats.batches,
             batched_images=self._batcher.stats.images, swap=self._status).model_dump()
 
     # -- compute -----------------------------------------------------------------------------

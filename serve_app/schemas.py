@@ -97,6 +97,10 @@ class ModelUserConfig(BaseModel):
     tta: TTAMode | None = Field(None, description="classifier test-time augmentation "
                                 "(None: the checkpoint's own setting)")
     torch_threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description=(
+        "classifier arithmetic: bf16 is ~1.7x faster on CPUs with native bfloat16 and moves "
+        "validation accuracy by hundredths of a point; auto is bf16 where the replica's CPU has "
+        "it, else fp32 (the VAE answers in fp32)"))
 
 
 # -- /v1/classify --------------------------------------------------------------------------
@@ -206,6 +210,7 @@ class ModelInfo(BaseModel):
     batch_wait_timeout_s: float
     tta: TTAMode | None = None
     torch_threads: int | None = None
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="what auto resolved to")
     batches: int = Field(0, description="forward passes this replica ran")
     batched_images: int = Field(0, description="images in those forward passes")
     swap: SwapStatus

@@ -57,9 +57,12 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     (d / "key").write_text(KEY + "\n")
     port = free_port()
     base = load_config()
-    cfg = app_config(base, {"classifier": str(clf), "vae": str(vae)}, host="127.0.0.1", port=port)
+    # fp32: these tests hold the HTTP answers to the in-process model's within 1e-5
+    # (bfloat16 serving has its own test in test_serve_swap.py)
+    cfg = app_config(base, {"classifier": str(clf), "vae": str(vae)}, host="127.0.0.1", port=port,
+                     precision="fp32")
     secure = app_config(base, {"classifier": str(clf)}, name="secure", mount="/secure",
-                        api_key_file=str(d / "key"))
+                        api_key_file=str(d / "key"), precision="fp32")
     cfg["applications"] += secure["applications"]
     env = embedded_env()
     with applied(env):

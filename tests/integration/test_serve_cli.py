@@ -163,6 +163,23 @@ def test_mve_metrics_on_the_metrics_port(served: Served) -> None:
         missing = [p for p in expected if not re.search(p, text)]
         time.sleep(2)
     assert not missing, missing
+    # Predictions are counted in the replica and reach Ray at most once a second (and on each
+    # health check): in the end, one per classified image, none lost.
+    deadline, totals = time.monotonic() + 60, None
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(served.metrics, timeout=10).read().decode()
+        totals = [_total(text, name) for name in ("ray_mve_predictions_total",
+                                                  "ray_mve_forward_images_total")]
+        if totals[0] == totals[1] > 0:
+            break
+        time.sleep(2)
+    assert totals and totals[0] == totals[1] > 0, totals
+
+
+def _total(text: str, name: str) -> float:
+    """The sum of a metric's samples of the classifier in a Prometheus text page."""
+    pattern = rf'^{name}\{{[^}}]*model="classifier"[^}}]*\}} ([0-9.e+]+)$'
+    return sum(float(v) for v in re.findall(pattern, text, flags=re.M))
 
 
 def test_model_info_outlives_the_gauge_ttl_without_traffic(served: Served) -> None:

@@ -178,6 +178,33 @@ def test_tta_and_threads_apply_live(env: ServedApp) -> None:
     assert probs["none"] != probs["flip"] != probs["flip_translate"]  # the modes really differ
 
 
+def test_precision_applies_live_without_failed_requests(env: ServedApp) -> None:
+    """fp32 -> bf16 -> fp32 on the same replica under traffic: bf16 answers differ from fp32 by
+    rounding only, and fp32 comes back bit for bit (the fp32 weights were never cast)."""
+    before = info(env)
+
+    def probs() -> list[float]:
+        r = requests.post(env.url + "/v1/classify?top_k=10", data=IMG, timeout=30,
+                          headers={"Content-Type": "image/png"})
+        assert r.status_code == 200, r.text
+        top = r.json()["predictions"][0]["top_k"]
+        return [s["probability"] for s in sorted(top, key=lambda s: s["index"])]
+
+    seen = {}
+    with traffic(env) as results:
+        for prec in ("fp32", "bf16", "fp32"):
+            swap(env, precision=prec)
+            wait_for(lambda p=prec: info(env)["precision"] == p)
+            seen.setdefault(prec, []).append(probs())
+    after = info(env)
+    assert after["replica"] == before["replica"] and after["swap"]["swaps"] == before["swap"]["swaps"]
+    assert seen["fp32"][0] == seen["fp32"][1]
+    diff = max(abs(a - b) for a, b in zip(seen["bf16"][0], seen["fp32"][0], strict=True))
+    assert 0 < diff < 0.05, diff
+    assert results and all(status == 200 for status, _ in results), results[:5]
+    swap(env, precision="auto")
+
+
 def test_first_load_failure_fails_clearly(env: ServedApp) -> None:
     broken = app_config(load_config(), {"classifier": str(env.ckpts["missing"])},
                         name="broken", mount="/broken")

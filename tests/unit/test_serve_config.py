@@ -43,15 +43,16 @@ def test_the_config_is_one_front_and_two_apps_per_model() -> None:
 
 def test_app_config_keeps_the_present_models_and_sets_their_options() -> None:
     cfg = app_config(load_config(), {"classifier": "/ckpt/c"}, port=9000,
-                     max_batch_size=4, tta="none", api_key_file="/k", max_images=8)
+                     max_batch_size=4, tta="none", precision="fp32", api_key_file="/k",
+                     max_images=8)
     assert [a["name"] for a in cfg["applications"]] == ["mve", "classifier", "classifier-oip"]
     front, clf, oip = cfg["applications"]
     assert front["args"]["models"] == {"classifier": ["classifier", "classifier-oip"]}
     for app in (clf, oip):
         uc = app["deployments"][0]["user_config"]
         assert uc == {"checkpoint": "/ckpt/c", "max_batch_size": 4, "batch_wait_timeout_s": 0.0,
-                      "tta": "none", "torch_threads": None}
-        assert "tta" not in app["args"] and app["args"]["model"] == "classifier"
+                      "tta": "none", "torch_threads": None, "precision": "fp32"}
+        assert "tta" not in app["args"] and "precision" not in app["args"] and app["args"]["model"] == "classifier"
     for app in cfg["applications"]:
         assert AppArgs.model_validate({k: v for k, v in app["args"].items()
                                        if k in AppArgs.model_fields}).max_images == 8

@@ -253,3 +253,21 @@ def test_cli_and_client_modules_do_not_import_ray() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_load_model_serves_a_classifier_in_the_requested_precision(tmp_path) -> None:
+    from serve_app.loading import load_model, with_precision
+    from serve_app.testing import make_classifier, make_vae
+
+    clf = make_classifier(tmp_path / "clf")
+    fp32 = load_model(str(clf), "classifier", "fp32")
+    assert fp32.precision == "fp32"
+    bf16 = with_precision(fp32, "bf16")
+    # a new LoadedModel of the same checkpoint (its requests never share a batch with fp32's)
+    assert bf16 is not fp32 and bf16.ckpt is fp32.ckpt and bf16.precision == "bf16"
+    assert with_precision(bf16, "bf16") is bf16
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(bf16.runner(x).softmax(-1), fp32.runner(x).softmax(-1), atol=0.02)
+    # the VAE answers in fp32 whatever the setting, as it ignores tta
+    assert load_model(str(make_vae(tmp_path / "vae")), "vae", "bf16").precision == "fp32"
