@@ -12,7 +12,7 @@ untouched: this only changes the layout of a copy that answers requests.
 (AVX512-BF16 or AMX on x86, any CUDA GPU that supports it): a cast copy of the weights, fp32
 in and out. On this project's 2-core EPYC the classifier's forward pass is 1.7x faster at batch
 16-32 (one thread); on the 5,000 validation images its top-1 accuracy moves by at most a few
-hundredths of a point (BENCHMARKS.md, "Precision"). Without native support bfloat16 is
+hundredths of a point (BENCHMARKS.md, "Serving in bfloat16"). Without native support bfloat16 is
 emulated and slower, so ``auto`` keeps fp32 there.
 """
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +38,6 @@ SERVING_TTA = "flip"
 
 #: Serving precisions: ``auto`` is bf16 where :func:`native_bf16`, else fp32.
 PRECISIONS = ("auto", "fp32", "bf16")
-PrecisionName = Literal["auto", "fp32", "bf16"]
 
 
 def native_bf16(device: str = "cpu") -> bool:

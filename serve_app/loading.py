@@ -20,7 +20,7 @@ from torch import nn
 from mve.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from mve.errors import UserError
 from mve.images import input_size
-from mve.inference import Precision, for_inference, resolve_precision
+from mve.inference import Precision, for_inference
 from mve.models import get_spec
 from mve.storage import local_directory
 
@@ -58,18 +58,15 @@ def _runner(ckpt: Checkpoint, precision: str) -> nn.Module:
     """The module that answers: a classifier in ``precision``; other families (the VAE, whose
     samples were not measured in bfloat16) in fp32 whatever ``precision`` says, as they
     ignore ``tta``."""
-    resolved = resolve_precision(precision)
     if get_spec(ckpt.model_name).task == "classification":
-        return Precision(ckpt.model, resolved).eval()
+        return Precision(ckpt.model, precision).eval()
     return ckpt.model
 
 
 def with_precision(model: LoadedModel, precision: str) -> LoadedModel:
     """``model``'s checkpoint answering in ``precision`` (itself when that is its precision)."""
-    runner = _runner(model.ckpt, precision)
-    if getattr(runner, "precision", "fp32") == model.precision:
-        return model
-    return replace(model, runner=runner, loaded_at=time.time())
+    new = replace(model, runner=_runner(model.ckpt, precision), loaded_at=time.time())
+    return model if new.precision == model.precision else new
 
 
 def load_model(source: str, kind: str, precision: str = "fp32") -> LoadedModel:
