@@ -29,11 +29,14 @@ import yaml
 
 from mve._validate import ConfigError, validate_dataclass
 from mve.data.transforms import AugmentConfig
+from mve.distill import DistillConfig
 from mve.models import config_to_dict, get_spec, make_config
+from mve.recipes import DEFAULT_RECIPE, RECIPE_NOTES, RECIPES, deep_merge
 
 __all__ = [
-    "ConfigError", "DataConfig", "OptimConfig", "TrainConfig", "RECIPES", "DEFAULT_RECIPE", "load_train_config", "read_yaml",
-    "parse_overrides", "deep_merge", "RECIPE_NOTES", "FEW_STEPS_PER_EPOCH",
+    "ConfigError", "DataConfig", "OptimConfig", "DistillConfig", "TrainConfig", "RECIPES",
+    "DEFAULT_RECIPE", "load_train_config", "read_yaml", "parse_overrides", "deep_merge",
+    "RECIPE_NOTES", "FEW_STEPS_PER_EPOCH",
 ]
 
 
@@ -59,7 +62,7 @@ class DataConfig:
 class OptimConfig:
     """Optimiser and learning-rate schedule (stepped every batch)."""
 
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    name: Literal["sgd", "adam", "adamw", "muon"] = "sgd"  # muon: Muon conv filters, SGD rest
     lr: float = 0.05  # peak learning rate
     weight_decay: float = 5e-4
     momentum: float = 0.9  # sgd momentum, or beta1 for adam/adamw
@@ -73,6 +76,8 @@ class OptimConfig:
     bias_lr_scale: float = 1.0  # lr multiplier for normalisation parameters (Page: 64)
     decay_biases: bool = False  # decay biases/norm parameters too (same absolute step size)
     grad_clip: float | None = None  # max global grad norm
+    muon_lr: float = 0.24  # name muon: peak lr of the conv filters (airbench94_muon)
+    muon_momentum: float = 0.6  # name muon: Nesterov momentum of the conv filters
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -107,6 +112,10 @@ class TrainConfig:
     eval_batch_size: int = 500
     seed: int = 0
     label_smoothing: float = 0.0  # classifier only
+    # Epochs the whitening layer's bias trains before its lr drops to 0 (airbench: 3); None:
+    # it trains throughout. Models without a whitening layer ignore it.
+    whiten_bias_epochs: int | None = None
+    distill: DistillConfig = field(default_factory=DistillConfig)  # classifier only
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast (GPU)
     channels_last: bool = False
     # Weight averaging: "ema" evaluates and saves an exponential moving average of the weights;
@@ -133,6 +142,8 @@ class TrainConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("batch sizes must be >= 1")
+        if self.whiten_bias_epochs is not None and self.whiten_bias_epochs < 0:
+            raise ValueError(f"whiten_bias_epochs must be >= 0, got {self.whiten_bias_epochs}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
@@ -197,108 +208,6 @@ def _asdict(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return [_asdict(v) for v in obj]
     return obj
-
-
-def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    """Recursively merges ``update`` into a copy of ``base`` (mappings merge, the rest replaces)."""
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-# airbench94's recipe (Jordan 2024) on its net shrunk to 992k parameters: patch whitening,
-# dirac init, Nesterov SGD at batch 1024 with a triangular schedule, 64x lr on norm parameters,
-# label smoothing 0.2, Lookahead, alternating flip, 2-px translate, mirror+translate TTA. The
-# lr is for the mean loss (airbench's 11.5 per summed kilo-batch divided by 1 + 1/(1 - 0.85));
-# PyTorch's coupled weight decay is set so lr * weight_decay equals airbench's per-step decay
-# (0.0153 * 1024 / 7851.7 = 2.0e-3), and norm parameters/biases decay by the same amount.
-_FAST: dict[str, Any] = {
-    "model": {"preset": "convgroups"},
-    "optim": {"name": "sgd", "lr": 1.5, "weight_decay": 1.33e-3, "momentum": 0.85,
-              "nesterov": True, "schedule": "linear", "warmup": 0.23, "warmup_start": 0.2,
-              "final_lr_fraction": 0.07, "bias_lr_scale": 64.0, "decay_biases": True},
-    "data": {"augment": {"crop_padding": 2, "pad_mode": "reflect", "flip": True,
-                         "alternating_flip": True, "cutout": 0}},
-    "batch_size": 1024, "eval_batch_size": 1000, "epochs": 10, "label_smoothing": 0.2,
-    "averaging": "lookahead", "averaging_decay": 0.95, "averaging_every": 5,
-    "min_steps_per_epoch": 40,  # full data: 45,000 / 1024 = 43 steps, the batch stays 1024
-}
-
-# The note's network with Nesterov SGD, one-cycle, crop + flip and label smoothing: a small,
-# generic baseline (the classifier's default before the fast recipe became it).
-_BASELINE: dict[str, Any] = {
-    "model": {"preset": "seed"},
-    "optim": {"name": "sgd", "lr": 0.05, "weight_decay": 5e-4, "momentum": 0.9,
-              "nesterov": True, "schedule": "onecycle", "warmup": 0.2},
-    "data": {"augment": {"crop_padding": 4, "flip": True}},
-    "batch_size": 128, "epochs": 30, "label_smoothing": 0.1,
-}
-
-# The SD-style autoencoder objective (model preset "sd": latent 8x8x4, MSE pixel loss, KL
-# weight 0.01 warmed up over 10% of training); see mve/models/vae.py.
-_VAE: dict[str, Any] = {
-    "model": {"preset": "sd"},
-    "optim": {"name": "adamw", "lr": 2e-3, "weight_decay": 0.0, "momentum": 0.9,
-              "schedule": "cosine", "warmup": 0.05},
-    "data": {"augment": {"crop_padding": 0, "flip": True}},
-    "batch_size": 128, "epochs": 30, "label_smoothing": 0.0,
-}
-
-# Recipes: each preset is a whole partial config (dataclass defaults fill the rest); without
-# --preset a family trains DEFAULT_RECIPE, its best known recipe.
-RECIPES: dict[str, dict[str, dict[str, Any]]] = {
-    "classifier": {
-        # >= 90% validation accuracy in 10 epochs at < 1M parameters.
-        "fast": deep_merge(_BASELINE, _FAST),
-        # As high as the budget allows: 40 epochs, 4-px translate and 12-px cutout.
-        "best": deep_merge(_BASELINE, deep_merge(_FAST, {
-            "data": {"augment": {"crop_padding": 4, "cutout": 12}}, "epochs": 40})),
-        # The research note's recipe, kept as the reference: its model, Adam 1e-3, batch 125,
-        # no augmentation, no schedule.
-        "seed": deep_merge(_BASELINE, {
-            "optim": {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "momentum": 0.9,
-                      "schedule": "constant", "warmup": 0.0},
-            "data": {"augment": {"crop_padding": 0, "flip": False}},
-            "batch_size": 125, "epochs": 10, "label_smoothing": 0.0}),
-        "baseline": _BASELINE,
-    },
-    "vae": {
-        "default": _VAE,
-        # The GPU recipe of the shipped models/cifar10-vae (~1.8M images seen; add
-        # --set precision=bf16 on a GPU).
-        "sd": deep_merge(_VAE, {"model": {"preset": "sd"}, "batch_size": 256, "epochs": 40}),
-        # The previous default: latent 8x8x8, discretised-Gaussian likelihood, beta = 1.
-        "elbo": deep_merge(_VAE, {"model": {"preset": "default"}, "optim": {"lr": 1e-3},
-                                  "batch_size": 64, "epochs": 30}),
-        "tiny": deep_merge(_VAE, {"model": {"preset": "tiny"}, "batch_size": 32, "epochs": 2}),
-    },
-}
-DEFAULT_RECIPE = {"classifier": "fast", "vae": "default"}
-
-# What each recipe is for and the budget it expects: `mve models` prints these lines.
-RECIPE_NOTES: dict[str, dict[str, str]] = {
-    "classifier": {
-        "fast": "airbench-style, 10 epochs at batch 1024 (at least 40 steps an epoch); >= 90% "
-                "on the full 45,000 images",
-        "best": "fast for 40 epochs with 4-px translate and cutout: the shipped checkpoint "
-                "(91.4%); a GPU budget",
-        "seed": "the research note's network and recipe (Adam, batch 125, no augmentation), "
-                "kept as the reference",
-        "baseline": "the note's network with SGD one-cycle, 30 epochs at batch 128: small, "
-                    "generic, any data size",
-    },
-    "vae": {
-        "default": "the SD-style autoencoder (latent 8x8x4, MSE, KL 0.01), 30 epochs at batch "
-                   "128; a GPU budget",
-        "sd": "the shipped models/cifar10-vae: default for 40 epochs at batch 256 (GPU)",
-        "elbo": "the earlier ELBO model: latent 8x8x8, discretised-Gaussian likelihood, beta 1",
-        "tiny": "a 16-channel VAE for 2 epochs at batch 32, for smoke tests",
-    },
-}
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
@@ -393,6 +302,7 @@ def _validate(data: dict[str, Any]) -> TrainConfig:
     augment = validate_dataclass(AugmentConfig, data_section.get("augment") or {}, "data.augment")
     data_cfg = validate_dataclass(DataConfig, {**data_section, "augment": augment}, "data")
     optim = validate_dataclass(OptimConfig, data.pop("optim", {}) or {}, "optim")
+    distill = validate_dataclass(DistillConfig, data.pop("distill", {}) or {}, "distill")
     return validate_dataclass(TrainConfig, {**data, "model": name, "model_config": model_config,
                                             "model_preset": arch_preset, "data": data_cfg,
-                                            "optim": optim}, "train")
+                                            "optim": optim, "distill": distill}, "train")
