@@ -27,6 +27,7 @@ from mve.checkpoint import CheckpointError, load_resume_state, save_checkpoint
 from mve.config import TrainConfig
 from mve.data import DataBundle, Split, TensorLoader, stratified_subset
 from mve.data.transforms import normalize
+from mve.distill import distill_step, load_teacher
 from mve.loop import Stepper, evaluate, step_for, train_one_epoch
 from mve.mlflow_runs import MlflowRun, flat_values
 from mve.models import build_model, get_spec
@@ -187,21 +188,44 @@ def _setup(cfg: TrainConfig, data: DataBundle, device: torch.device, *, rank: in
         model = torch.compile(model)
     train_loader, val_loader = _loaders(cfg, data, prep, rank=rank, world_size=world_size,
                                         device=device)
-    optimizer = build_optimizer(model, cfg.optim)
     total_steps = cfg.epochs * len(train_loader)
-    scheduler = build_scheduler(optimizer, total_steps, cfg.optim)
+    optimizer, scheduler = _optimization(cfg, net, model, len(train_loader))
     averager = (WeightAverager(net, mode=cfg.averaging, decay=cfg.averaging_decay,
                                every=cfg.averaging_every, total_steps=total_steps)
                 if cfg.averaging != "none" else None)
     if state is not None:
         _restore_training_state(state, optimizer, scheduler, averager)
-    step_fn = step_for(task, cfg.label_smoothing)
+    step_fn = _step_fn(cfg, task, prep, data, device)
     train_time = float(history[-1].get("train_time_s", 0.0)) if history else 0.0
     return _Run(cfg=cfg, data=data, device=device, rank=rank, world_size=world_size, task=task,
                 prep=prep, net=net, model=model, train_loader=train_loader,
                 val_loader=val_loader, optimizer=optimizer, scheduler=scheduler,
                 averager=averager, step_fn=step_fn, start_epoch=start_epoch, history=history,
                 train_time=train_time)
+
+
+def _optimization(cfg: TrainConfig, net: nn.Module, model: nn.Module, steps_per_epoch: int
+                  ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimiser and schedule; with ``whiten_bias_epochs`` the whitening bias (of a net
+    that has one) gets lr 0 after that many epochs."""
+    bias = getattr(net, "whitening_bias", lambda: None)()
+    freeze = cfg.whiten_bias_epochs is not None and bias is not None
+    optimizer = build_optimizer(model, cfg.optim, freeze_later=[bias] if freeze else ())
+    scheduler = build_scheduler(optimizer, cfg.epochs * steps_per_epoch, cfg.optim,
+                                freeze_step=cfg.whiten_bias_epochs * steps_per_epoch
+                                if freeze else None)
+    return optimizer, scheduler
+
+
+def _step_fn(cfg: TrainConfig, task: str, prep: Mapping[str, Any], data: DataBundle,
+             device: torch.device) -> Stepper:
+    """The training step: a classifier with ``distill.teacher`` learns from it too."""
+    if cfg.distill.teacher is None:
+        return step_for(task, cfg.label_smoothing)
+    if task != "classification":
+        raise ValueError("distill.teacher is for classifiers only")
+    teacher = load_teacher(cfg.distill, prep, list(data.class_names), device)
+    return distill_step(teacher, cfg.distill, cfg.label_smoothing)
 
 
 _warned_few_steps: set[str] = set()

@@ -197,6 +197,12 @@ class Classifier(nn.Module):
             return self.body.feature_maps(x, stages)
         return self.encoder.feature_maps(x, stages)
 
+    def whitening_bias(self) -> nn.Parameter | None:
+        """The whitening layer's bias (``convgroups`` with whitening), which a recipe may stop
+        training after a few epochs (``TrainConfig.whiten_bias_epochs``); else None."""
+        whiten = getattr(self.body, "whiten", None) if self.config.arch == "convgroups" else None
+        return whiten.bias if whiten is not None else None
+
     @torch.no_grad()
     def init_from_data(self, images: torch.Tensor) -> None:
         """Data-dependent initialisation (the whitening layer) from normalised training images."""
