@@ -10,7 +10,9 @@ Kept apart from the networks (``mve.models.classifier``), which read it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import BeforeValidator
 
 __all__ = ["Activation", "Pooling", "Arch", "TTA", "TTA_MODES",
            "ClassifierConfig", "Plan", "PRESETS"]
@@ -20,6 +22,17 @@ Pooling = Literal["fractional", "max", "avg"]
 Arch = Literal["geometric", "convgroups"]
 TTA = Literal["none", "flip", "flip_translate"]
 TTA_MODES: tuple[str, ...] = get_args(TTA)  # eval-time views: 1, 2, 6
+
+
+def parse_widths(value: Any) -> Any:
+    """``"64,176,176"`` or ``"64x176x176"`` -> ``(64, 176, 176)``: a search space's choices
+    and ``--set`` values are scalars, and a width triple is one architecture."""
+    if isinstance(value, str):
+        return tuple(int(w) for w in value.replace("x", ",").split(",") if w.strip())
+    return value
+
+
+Widths = Annotated[tuple[int, ...], BeforeValidator(parse_widths)]
 
 
 @dataclass(frozen=True)
@@ -42,7 +55,7 @@ class ClassifierConfig:
     final_size: int = 2  # spatial size after the last stage
     # Architecture family and the conv-group ("convgroups") net's options.
     arch: Arch = "geometric"
-    widths: tuple[int, ...] = (64, 176, 176)  # convgroups: output channels of each group
+    widths: Widths = (64, 176, 176)  # convgroups: output channels of each group
     convs_per_group: int = 2  # convgroups: 2, or 3 = a residual over the last two convs
     whiten_kernel: int = 2  # convgroups: patch-whitening kernel size; 0 disables the layer
     whiten_eps: float = 5e-4  # added to the patch-covariance eigenvalues
@@ -53,7 +66,7 @@ class ClassifierConfig:
     tta: TTA = "none"  # eval-mode test-time augmentation, both architectures
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "widths", tuple(int(c) for c in self.widths))
+        object.__setattr__(self, "widths", tuple(int(c) for c in parse_widths(self.widths)))
         if self.arch == "convgroups":
             self._check_convgroups()
         if self.channels is not None:
@@ -154,3 +167,7 @@ PRESETS: dict[str, dict] = {
     "convgroups": dict(arch="convgroups", widths=(64, 176, 176), convs_per_group=2,
                        whiten_kernel=2, activation="gelu", tta="flip_translate"),
 }
+# airbench96's third conv per group, at widths that keep the net under 1M parameters (970,824):
+# the deeper arm of the issue-14 recipe comparison (bench/device/recipes14.py).
+PRESETS["convgroups-res3"] = {**PRESETS["convgroups"], "widths": (56, 128, 144),
+                              "convs_per_group": 3}
