@@ -114,5 +114,6 @@ def test_models_lists_shipped_models_and_presets(tmp_path: Path) -> None:
     data = json.loads(_mve("models", "--json", cwd=tmp_path).stdout)
     assert {m["name"] for m in data["shipped"]} == {"cifar10-classifier", "cifar10-vae"}
     assert data["presets"]["classifier"]["fast"]["default"] is True
-    assert set(data["presets"]["classifier"]) == {"fast", "best", "seed", "baseline"}
+    assert set(data["presets"]["classifier"]) == {"fast", "best", "seed", "baseline", "muon",
+                                                  "teacher"}
     assert all(p["description"] for f in data["presets"].values() for p in f.values())
