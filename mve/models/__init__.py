@@ -16,12 +16,14 @@ from torch import nn
 from mve._validate import ConfigError, validate_dataclass
 from mve.models.classifier import PRESETS as CLASSIFIER_PRESETS
 from mve.models.classifier import Classifier, ClassifierConfig
+from mve.models.latent_prior import PRESETS as PRIOR_PRESETS
+from mve.models.latent_prior import LatentPrior, LatentPriorConfig
 from mve.models.vae import PRESETS as VAE_PRESETS
 from mve.models.vae import VAE, VAEConfig
 
 __all__ = [
-    "Classifier", "ClassifierConfig", "VAE", "VAEConfig", "ModelSpec", "build_model",
-    "list_models", "get_spec", "target_metric", "make_config", "config_to_dict",
+    "Classifier", "ClassifierConfig", "VAE", "VAEConfig", "LatentPrior", "LatentPriorConfig",
+    "ModelSpec", "build_model", "list_models", "get_spec", "target_metric", "make_config", "config_to_dict",
 ]
 
 
@@ -31,12 +33,13 @@ class ModelSpec:
     (command-line choices, the target metric, per-task behaviour) reads it from here."""
 
     name: str
-    task: str  # "classification" | "generation"
+    task: str  # "classification" | "generation" | "latent-prior"
     config_cls: type
     builder: Callable[[Any], nn.Module]
     presets: Mapping[str, Mapping[str, Any]]
     metric: str  # the validation metric a run, a trial or a promotion is judged by
     mode: str  # "max" or "min": which way `metric` is better
+    on_images: bool = True  # trained on images by mve.train.fit; False: on a VAE's latents
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -52,11 +55,16 @@ register_model(ModelSpec("classifier", "classification", ClassifierConfig, Class
                          CLASSIFIER_PRESETS, metric="val_accuracy", mode="max"))
 register_model(ModelSpec("vae", "generation", VAEConfig, VAE, VAE_PRESETS,
                          metric="val_elbo_bpd", mode="min"))
+# The diffusion prior over a VAE's latent: its own trainer (mve.prior_train), not fit().
+register_model(ModelSpec("prior", "latent-prior", LatentPriorConfig, LatentPrior, PRIOR_PRESETS,
+                         metric="val_loss", mode="min", on_images=False))
 
 
-def list_models(task: str | None = None) -> list[str]:
-    """Registered family names (of one ``task`` if given), sorted."""
-    return sorted(n for n, spec in _REGISTRY.items() if task is None or spec.task == task)
+def list_models(task: str | None = None, *, latent: bool = False) -> list[str]:
+    """Registered family names trained on images (of one ``task`` if given), sorted; with
+    ``latent``, also the families trained on a VAE's latents (the prior)."""
+    return sorted(n for n, spec in _REGISTRY.items()
+                  if (task is None or spec.task == task) and (spec.on_images or latent))
 
 
 def target_metric(name: str) -> tuple[str, str]:
