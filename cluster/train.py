@@ -377,7 +377,12 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``mve train`` and ``python -m cluster.train``: on Ray Train, or in-process with --local."""
+    """``mve train`` and ``python -m cluster.train``: on Ray Train, or in-process with --local.
+    The latent prior always trains in this process (no Ray Train path yet)."""
+    if args.model == "prior":
+        from mve.prior_run import run_from_args as run_prior
+
+        return run_prior(args)
     return local_train.run_from_args(args) if args.local else run_from_args(args)
 
 

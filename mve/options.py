@@ -42,7 +42,10 @@ def config_parent() -> argparse.ArgumentParser:
 def train_parent() -> argparse.ArgumentParser:
     """The options of ``mve train`` that do not depend on where training runs."""
     t = argparse.ArgumentParser(add_help=False, parents=[config_parent(), tracking_parent()])
-    t.add_argument("model", choices=list_models())
+    t.add_argument("model", choices=list_models(latent=True),
+                   help="model family; `prior` is the diffusion prior of a VAE (with --vae)")
+    t.add_argument("--vae", metavar="DIR", help="prior only: the VAE checkpoint whose latents it "
+                   "models ('default': models/cifar10-vae)")
     t.add_argument("--local", action="store_true", help="train in this process, without Ray")
     t.add_argument("--data", help="data path (else $MVE_DATA, else official CIFAR-10 in the cache)")
     t.add_argument("--epochs", type=int, help="number of epochs (overrides the config)")

@@ -131,7 +131,11 @@ def _resolve(handler: str) -> Callable[[argparse.Namespace], int]:
 
 def train(args: argparse.Namespace) -> int:
     """``mve train``: in this process with --local (no Ray imported), else on Ray Train."""
-    if args.local:
+    if args.vae and args.model != "prior":
+        raise UserError("--vae is for `mve train prior` (the VAE whose latents it models)")
+    if args.model == "prior":
+        from mve.prior_run import run_from_args
+    elif args.local:
         from mve.local_train import run_from_args
     else:
         try:
