@@ -182,10 +182,12 @@ class Generator(Model):
 
     @torch.inference_mode()
     def sample(self, n: int = 16, *, temperature: float = 1.0, seed: int | None = None,
-               prior: str | None = None) -> torch.Tensor:
-        """``n`` samples from the prior (``"standard"`` or ``"gmm"``; default the checkpoint's)."""
+               prior: str | None = None, steps: int | None = None) -> torch.Tensor:
+        """``n`` samples from the prior (``"standard"``, ``"gmm"`` or ``"diffusion"``; default
+        the diffusion prior when the checkpoint has one, else its own); ``steps``: the
+        diffusion sampler's steps."""
         return self._pixels(self._call(self.model.sample, n, temperature=temperature,
-                                       seed=seed, prior=prior))
+                                       seed=seed, prior=prior, steps=steps))
 
     @torch.inference_mode()
     def reconstruct(self, images: ImageInput) -> torch.Tensor:

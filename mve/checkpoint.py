@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -50,6 +51,9 @@ FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 STATE = "training_state.safetensors"
 META = "mve.json"
+PRIOR_DIR = "prior"  # a VAE's diffusion prior, a checkpoint of its own inside the VAE's folder
+
+logger = logging.getLogger(__name__)
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin")
 
 
@@ -366,7 +370,26 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
     except RuntimeError as exc:
         raise CheckpointError(f"{d}: weights do not fit the recorded model config: {exc}") from None
     model.to(device).eval()
-    return Checkpoint(d, model, meta["model_name"], config, meta)
+    ckpt = Checkpoint(d, model, meta["model_name"], config, meta)
+    if meta["model_name"] == "vae" and (d / PRIOR_DIR / META).is_file():
+        _attach_prior(ckpt, device)
+    return ckpt
+
+
+def _attach_prior(vae: Checkpoint, device: str | torch.device) -> None:
+    """Hands a VAE the diffusion prior saved beside it (``<vae>/prior``); a prior fitted to
+    another encoder is left out with a warning, and the VAE keeps its own prior."""
+    from mve.prior_train import check_prior_fits
+
+    prior = load_checkpoint(vae.path / PRIOR_DIR, device=device)
+    try:
+        if prior.model_name != "prior":
+            raise ValueError(f"{prior.path} is a {prior.model_name} checkpoint, not a prior")
+        check_prior_fits(prior, vae.model, where=str(vae.path))
+    except ValueError as exc:
+        logger.warning("not using %s: %s", prior.path, exc)
+        return
+    vae.model.set_diffusion_prior(prior.model)
 
 
 def load_training_state(path: str | os.PathLike) -> dict[str, Any] | None:

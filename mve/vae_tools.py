@@ -14,6 +14,7 @@ import torch
 from mve.checkpoint import Checkpoint, load_training_state, save_checkpoint
 from mve.data import DataBundle, TensorLoader
 from mve.errors import UserError
+from mve.models.vae import DIFFUSION_STEPS
 from mve.options import progress_enabled
 from mve.prior import fit_latent_prior
 from mve.report import write_vae_report
@@ -55,9 +56,11 @@ def fid_extractor(features: str = "auto", *, inception: str | None = None,
 def vae_sample_quality(ckpt, data, num_samples: int, *, device: torch.device | str = "cpu",
                        inception: str | None = None, features: str = "auto",
                        classifier: str | None = None, temperature: float = 1.0,
-                       batch_size: int = 250, seed: int = 0) -> dict[str, Any]:
+                       batch_size: int = 250, seed: int = 0, prior: str | None = None,
+                       steps: int | None = None) -> dict[str, Any]:
     """FID/KID (or FCD/KCD) of ``num_samples`` VAE samples against as many training images
-    (a seeded subset; all of them when there are fewer)."""
+    (a seeded subset; all of them when there are fewer). ``prior``/``steps``: as
+    ``VAE.sample``'s (default: the diffusion prior when the VAE has one)."""
     from mve.data import denormalize_to_uint8
     from mve.fid import sample_quality
 
@@ -77,12 +80,15 @@ def vae_sample_quality(ckpt, data, num_samples: int, *, device: torch.device | s
     model = ckpt.model
 
     def generate(n: int, s: int) -> torch.Tensor:
-        x = model.sample(n, temperature=temperature, seed=s, device=device)
+        x = model.sample(n, temperature=temperature, seed=s, device=device, prior=prior,
+                         steps=steps)
         return denormalize_to_uint8(x.float().cpu(), prep["mean"], prep["std"])
 
     out = sample_quality(extractor, real, generate, num_samples, fingerprint=fingerprint,
                          batch_size=batch_size, seed=seed, progress=progress_enabled())
-    out["fid_prior"] = getattr(model.config, "prior", "standard")
+    out["fid_prior"] = prior or model.default_prior()
+    if out["fid_prior"] == "diffusion":
+        out["fid_steps"] = steps or DIFFUSION_STEPS
     out["fid_temperature"] = temperature
     return out
 

@@ -75,9 +75,11 @@ def generate_parent() -> argparse.ArgumentParser:
                    "(default 16 / 8 / 8)")
     p.add_argument("--temperature", type=float, default=1.0, help="prior temperature (1.0)")
     p.add_argument("--seed", type=int, help="seed for reproducible samples")
-    p.add_argument("--prior", choices=["standard", "gmm"],
-                   help="--vae only: sample from N(0, I) or the fitted GMM (default: the "
-                        "checkpoint's prior)")
+    p.add_argument("--prior", choices=["standard", "gmm", "diffusion"],
+                   help="--vae only: sample from N(0, I), the fitted GMM or the diffusion prior "
+                        "(default: the diffusion prior in the VAE's prior/ folder if any, else "
+                        "the checkpoint's prior)")
+    p.add_argument("--steps", type=int, help="diffusion sampler steps (default 16)")
     p.add_argument("--method", choices=["slerp", "lerp"], default="slerp",
                    help="interpolation path (default slerp)")
     p.add_argument("--device", default="cpu", help="--vae only: cpu, cuda, ... (default cpu)")
@@ -165,7 +167,7 @@ def _generate_inputs(args: argparse.Namespace) -> tuple[str, int, list[bytes]]:
 
 def generate_local(vae: str, mode: str, n: int, blobs: list[bytes], *, temperature: float = 1.0,
                    seed: int | None = None, prior: str | None = None, method: str = "slerp",
-                   device: str = "cpu") -> bytes:
+                   device: str = "cpu", steps: int | None = None) -> bytes:
     """PNG bytes of a sample/variations grid or an interpolation strip from a local VAE."""
     import math
 
@@ -176,7 +178,7 @@ def generate_local(vae: str, mode: str, n: int, blobs: list[bytes], *, temperatu
     if not isinstance(model, Generator):
         raise UserError(f"{vae} is a {model.kind} checkpoint, not a VAE")
     if mode == "sample":
-        y = model.sample(n, temperature=temperature, seed=seed, prior=prior)
+        y = model.sample(n, temperature=temperature, seed=seed, prior=prior, steps=steps)
     elif mode == "variations":
         y = model.variations(blobs[0], n, temperature=temperature, seed=seed)
     else:
@@ -191,14 +193,15 @@ def generate_command(args: argparse.Namespace) -> int:
     if getattr(args, "vae", None):
         png = generate_local(args.vae, mode, n, blobs, temperature=args.temperature,
                              seed=args.seed, prior=args.prior, method=args.method,
-                             device=args.device)
+                             device=args.device, steps=args.steps)
     else:
         if getattr(args, "prior", None):
             raise UserError("--prior needs --vae (the server samples from its checkpoint's "
                             "prior)")
         client = _client(args)  # its ClientError is a UserError: one line, exit code 2
         if mode == "sample":
-            png = client.sample(n=n, temperature=args.temperature, seed=args.seed)
+            png = client.sample(n=n, temperature=args.temperature, seed=args.seed,
+                                steps=args.steps)
         elif mode == "variations":
             png = client.variations(blobs[0], n=n, temperature=args.temperature, seed=args.seed)
         else:

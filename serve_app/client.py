@@ -91,9 +91,13 @@ class MveClient:
         return self._json("POST", "/v1/classify", {"images": [_b64(i) for i in images],
                                                    "top_k": top_k})
 
-    def sample(self, *, n: int = 16, temperature: float = 1.0, seed: int | None = None) -> bytes:
-        """``POST /v1/vae/sample``: a PNG (one image, or a grid of ``n``)."""
+    def sample(self, *, n: int = 16, temperature: float = 1.0, seed: int | None = None,
+               steps: int | None = None) -> bytes:
+        """``POST /v1/vae/sample``: a PNG (one image, or a grid of ``n``); ``steps`` for a
+        diffusion prior."""
         payload = {"n": n, "temperature": temperature, "seed": seed}
+        if steps is not None:
+            payload["steps"] = steps
         raw, _ = self._request("POST", "/v1/vae/sample", json.dumps(payload).encode(),
                                "application/json", {"format": "png"})
         return raw

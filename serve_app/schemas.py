@@ -139,8 +139,8 @@ class ClassifyResponse(BaseModel):
 
 # -- /v1/vae/* -------------------------------------------------------------------------------
 
-class SampleParams(BaseModel):
-    """``/v1/vae/sample``: ``n`` prior draws at ``temperature`` (seeded when ``seed`` is set)."""
+class DrawParams(BaseModel):
+    """``n`` draws at ``temperature`` (seeded when ``seed`` is set)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -149,7 +149,14 @@ class SampleParams(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
 
 
-class VariationParams(SampleParams):
+class SampleParams(DrawParams):
+    """``/v1/vae/sample``: ``n`` prior draws; ``steps`` for a diffusion prior (sampler steps,
+    default 16; fewer are faster and coarser)."""
+
+    steps: int | None = Field(None, ge=1, le=100)
+
+
+class VariationParams(DrawParams):
     """``/v1/vae/variations``: ``n`` decodes around one image's posterior."""
 
     n: int = Field(8, ge=1)

@@ -75,13 +75,13 @@ async def reconstruct(request: Request) -> Response:
           openapi_extra={"requestBody": {"required": False, "content": {
               "application/json": {"schema": SampleParams.model_json_schema()}}}})
 async def sample(request: Request) -> Response:
-    """``n`` samples from the prior (JSON body or query: n, temperature, seed)."""
+    """``n`` samples from the prior (JSON body or query: n, temperature, seed, steps)."""
     server = _server()
     as_json = P.wants_json(request)
     p = P.validate(SampleParams, await P.parse_params(request, server.limits))
     _check_n(p.n, server.limits.max_samples)
     return await server.generate("sample", as_json, lambda m: m.ckpt.model.sample(
-        p.n, temperature=p.temperature, seed=p.seed))
+        p.n, temperature=p.temperature, seed=p.seed, steps=p.steps))
 
 
 @app.post("/v1/vae/variations", responses={**ERRORS, **PNG_RESPONSES},

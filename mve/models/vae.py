@@ -12,6 +12,7 @@ config lives in ``mve.models.vae_config``, the encoder/decoder in ``mve.models.v
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -25,6 +26,9 @@ from torch import Tensor, nn
 from mve.models.vae_config import PRESETS, PRIORS, VAEConfig
 from mve.models.vae_nets import Decoder, Encoder
 from mve.prior import GaussianMixture
+
+SAMPLE_PRIORS = (*PRIORS, "diffusion")  # "diffusion": a trained LatentPrior, attached
+DIFFUSION_STEPS = 16  # Heun steps (31 network calls) when the caller gives none
 
 __all__ = [
     "VAE", "VAEConfig", "VAEOutput", "PRESETS", "Encoder", "Decoder", "to_pixels",
@@ -128,6 +132,7 @@ class VAE(nn.Module):
             if config.prior_components else None)
         self._progress = 1.0  # fraction of training done; set by the trainer for KL annealing
         self.set_perceptual(None)  # the perceptual loss's feature network, injected by the trainer
+        self.set_diffusion_prior(None)  # a LatentPrior checkpoint found beside the VAE
         n_params = sum(p.numel() for p in self.parameters())
         logger.debug("VAE plan: %d levels, channels %s, latent %s (f=%d), attention=%s, "
                      "likelihood=%s, %.2fM params", config.num_levels, list(config.channels),
@@ -192,6 +197,43 @@ class VAE(nn.Module):
         self.latent_prior.set(weights, means, chol)
         self.config = dataclasses.replace(self.config, prior="gmm", prior_components=k)
 
+    def set_diffusion_prior(self, prior: nn.Module | None) -> None:
+        """Hands the VAE a trained :class:`~mve.models.latent_prior.LatentPrior` (a separate
+        checkpoint, ``<vae>/prior``, matched by the VAE's weights hash when loaded). Like the
+        perceptual network it stays out of ``state_dict`` and ``.to()``; ``sample`` then uses
+        it by default."""
+        self.__dict__["_diffusion"] = prior
+
+    @property
+    def diffusion_prior(self) -> nn.Module | None:
+        return self.__dict__.get("_diffusion")
+
+    def latent_space_id(self) -> str:
+        """sha256 of the encoder's weights: what a latent prior is valid for (refitting the GMM
+        or fine-tuning the decoder leaves it unchanged)."""
+        h = hashlib.sha256()
+        for name, t in sorted(self.encoder.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def default_prior(self) -> str:
+        """What ``sample`` draws from without ``prior=``: the diffusion prior when one is
+        attached, else ``config.prior``."""
+        return "diffusion" if self.diffusion_prior is not None else self.config.prior
+
+    def _diffusion_latents(self, n: int, temperature: float, seed: int | None,
+                           steps: int | None) -> Tensor:
+        from mve.diffusion import sample_latents
+
+        net = self.diffusion_prior
+        if net is None:
+            raise ValueError("this VAE has no diffusion prior; train one with "
+                             "`mve train prior --vae CHECKPOINT --data PATH`")
+        x = sample_latents(net, n, net.latent_shape, steps=steps or DIFFUSION_STEPS, seed=seed,
+                           temperature=temperature)
+        return net.from_standard(x.to(net.latent_mean.device))
+
     def _check_input(self, x: Tensor) -> None:
         f = self.config.downsample_factor
         c = self.config.in_channels
@@ -222,17 +264,24 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, *, temperature: float = 1.0, seed: int | None = None,
-               device: torch.device | str | None = None, prior: str | None = None) -> Tensor:
+               device: torch.device | str | None = None, prior: str | None = None,
+               steps: int | None = None) -> Tensor:
         """Decode ``n`` prior draws -> [n, C, H, W] (eval mode, seedable).
 
-        ``prior`` (default ``config.prior``): ``"standard"`` draws ``z ~ N(0, T^2 I)``; ``"gmm"``
-        draws from the fitted mixture with each component's spread scaled by ``T``.
+        ``prior`` (default :meth:`default_prior`): ``"standard"`` draws ``z ~ N(0, T^2 I)``;
+        ``"gmm"`` draws from the fitted mixture with each component's spread scaled by ``T``;
+        ``"diffusion"`` integrates the attached prior's flow in ``steps`` Heun steps from
+        noise scaled by ``T``.
         """
         _check_draws(n, temperature)
-        prior = prior or self.config.prior
-        if prior not in PRIORS:
-            raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
-        if prior == "gmm":
+        prior = prior or self.default_prior()
+        if prior not in SAMPLE_PRIORS:
+            raise ValueError(f"prior must be one of {SAMPLE_PRIORS}, got {prior!r}")
+        if steps is not None and steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if prior == "diffusion":
+            z = self._diffusion_latents(n, temperature, seed, steps)
+        elif prior == "gmm":
             if self.latent_prior is None or not self.latent_prior.is_fitted:
                 raise ValueError("this VAE has no fitted GMM prior; fit one with "
                                  "`mve vae fit-prior CHECKPOINT --data PATH`")
