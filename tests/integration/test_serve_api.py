@@ -183,6 +183,10 @@ def test_vae_routes(server: Server) -> None:
     s2 = post(server, "/v1/vae/sample?n=4&seed=7&temperature=0.9")
     s3 = post(server, "/v1/vae/sample?n=4&seed=8&temperature=0.9")
     assert s1.status_code == 200 and s1.content == s2.content != s3.content
+    # `steps` is the diffusion sampler's (this VAE has none, so it changes nothing) and checked
+    assert post(server, "/v1/vae/sample?n=4&seed=7&temperature=0.9&steps=2").content == s1.content
+    bad = post(server, "/v1/vae/sample", json={"n": 2, "steps": 0})
+    assert bad.status_code // 100 == 4 and "steps" in bad.text
     sj = post(server, "/v1/vae/sample?n=4&seed=7&temperature=0.9",
               headers={"Accept": "application/json"})
     assert sj.headers["content-type"] == "application/json"
