@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from mve.atomic import write_json
@@ -201,6 +201,17 @@ def _preprocessing(model: LatentPrior) -> dict[str, Any]:
             "std": model.latent_std.tolist()}
 
 
+def _ema_with_warmup(decay: float):
+    """EMA whose decay ramps up as ``(1 + n) / (10 + n)`` (TensorFlow's ExponentialMovingAverage
+    with num_updates): a short run's average is not held back by the zero-initialised head."""
+
+    def avg(averaged: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        d = min(decay, (1.0 + float(n)) / (10.0 + float(n)))
+        return averaged * d + current * (1.0 - d)
+
+    return avg
+
+
 class _State:
     """The model, optimiser, EMA and counters of a run; saved to and loaded from ``last/``."""
 
@@ -212,8 +223,7 @@ class _State:
     @classmethod
     def create(cls, model: LatentPrior, cfg: PriorTrainConfig, n: int) -> _State:
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
-                            use_buffers=True)
+        ema = AveragedModel(model, avg_fn=_ema_with_warmup(cfg.ema_decay), use_buffers=True)
         return cls(model, opt, ema, cfg.epochs * (n // cfg.batch_size))
 
     def save(self, path: Path, vae: Checkpoint, *, model_config: LatentPriorConfig) -> None:
