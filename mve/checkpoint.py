@@ -40,6 +40,7 @@ from torch import nn
 from mve import __version__
 from mve.errors import UserError
 from mve.models import build_model, config_to_dict, get_spec, make_config
+from mve.models.latent_prior import check_prior_fits
 
 __all__ = [
     "FORMAT_VERSION", "CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint",
@@ -379,13 +380,11 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
 def _attach_prior(vae: Checkpoint, device: str | torch.device) -> None:
     """Hands a VAE the diffusion prior saved beside it (``<vae>/prior``); a prior fitted to
     another encoder is left out with a warning, and the VAE keeps its own prior."""
-    from mve.prior_train import check_prior_fits
-
     prior = load_checkpoint(vae.path / PRIOR_DIR, device=device)
     try:
         if prior.model_name != "prior":
             raise ValueError(f"{prior.path} is a {prior.model_name} checkpoint, not a prior")
-        check_prior_fits(prior, vae.model, where=str(vae.path))
+        check_prior_fits(prior.meta, vae.model, prior_path=prior.path, where=str(vae.path))
     except ValueError as exc:
         logger.warning("not using %s: %s", prior.path, exc)
         return

@@ -30,10 +30,9 @@ from tqdm.auto import tqdm
 from mve.atomic import write_json
 from mve.checkpoint import Checkpoint, load_checkpoint, load_resume_state, save_checkpoint
 from mve.diffusion import flow_matching_loss
-from mve.models.latent_prior import LatentPrior, LatentPriorConfig
+from mve.models.latent_prior import LatentPrior, LatentPriorConfig, check_prior_fits
 
-__all__ = ["PriorTrainConfig", "encode_split", "train_prior", "load_prior", "check_prior_fits",
-           "vae_reference"]
+__all__ = ["PriorTrainConfig", "encode_split", "train_prior", "load_prior", "vae_reference"]
 
 logger = logging.getLogger(__name__)
 
@@ -256,14 +255,5 @@ def load_prior(path: str | Path, *, vae: Checkpoint | None = None,
     if ckpt.model_name != "prior":
         raise ValueError(f"{path} is a {ckpt.model_name} checkpoint, not a latent prior")
     if vae is not None:
-        check_prior_fits(ckpt, vae.model, where=str(vae.path))
+        check_prior_fits(ckpt.meta, vae.model, prior_path=ckpt.path, where=str(vae.path))
     return ckpt
-
-
-def check_prior_fits(prior: Checkpoint, vae: nn.Module, *, where: str) -> None:
-    """ValueError unless ``prior`` was fitted to ``vae``'s latent space (its encoder)."""
-    want = vae.latent_space_id()
-    have = (prior.meta.get("vae") or {}).get("latent_space_id")
-    if have != want:
-        raise ValueError(f"the prior {prior.path} was fitted to another VAE's latent space "
-                         f"(encoder {str(have)[:12]}), not to {where}'s ({want[:12]})")

@@ -15,13 +15,15 @@ latents are buffers here, so ``to_latent``/``from_latent`` travel with the check
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LatentPriorConfig", "LatentPrior", "PRESETS"]
+__all__ = ["LatentPriorConfig", "LatentPrior", "PRESETS", "check_prior_fits"]
 
 
 @dataclass(frozen=True)
@@ -177,3 +179,14 @@ class LatentPrior(nn.Module):
 
     def from_standard(self, x: Tensor) -> Tensor:
         return x * self.latent_std[:, None, None] + self.latent_mean[:, None, None]
+
+
+def check_prior_fits(prior_meta: Mapping[str, Any], vae: nn.Module, *, prior_path: Any,
+                     where: str) -> None:
+    """ValueError unless the prior of manifest ``prior_meta`` was fitted to ``vae``'s latent
+    space (its encoder, ``VAE.latent_space_id``)."""
+    want = vae.latent_space_id()
+    have = (prior_meta.get("vae") or {}).get("latent_space_id")
+    if have != want:
+        raise ValueError(f"the prior {prior_path} was fitted to another VAE's latent space "
+                         f"(encoder {str(have)[:12]}), not to {where}'s ({want[:12]})")
