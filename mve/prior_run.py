@@ -9,7 +9,6 @@ Options are ``mve train``'s: ``--preset`` names an architecture preset of the pr
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +22,7 @@ from mve.options import progress_enabled, resolve_device
 from mve.pretrained import default_vae, missing_message
 from mve.prior_train import PriorTrainConfig, train_prior
 
-__all__ = ["run_from_args", "prior_configs"]
-
-logger = logging.getLogger("mve")
+__all__ = ["run_from_args", "prior_configs", "vae_path", "done_message"]
 
 
 def prior_configs(preset: str | None, overrides: list[str], *, epochs: int | None = None,
@@ -43,7 +40,8 @@ def prior_configs(preset: str | None, overrides: list[str], *, epochs: int | Non
     return model_cfg, validate_dataclass(PriorTrainConfig, sets, "prior training")
 
 
-def _vae_path(value: str | None) -> Path:
+def vae_path(value: str | None) -> Path:
+    """The VAE of ``--vae`` ('default' or nothing: the shipped one)."""
     if value in (None, "default"):
         path = default_vae()
         if path is None:
@@ -53,13 +51,12 @@ def _vae_path(value: str | None) -> Path:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """Trains the prior of ``--vae`` on ``--data`` into ``--out`` (a prior checkpoint)."""
-    if not args.local:
-        logger.warning("mve train prior runs in this process (no Ray Train path yet)")
+    """Trains the prior of ``--vae`` on ``--data`` into ``--out`` (a prior checkpoint), in this
+    process (``mve train prior --local``; without it, ``cluster.prior_train`` on Ray Train)."""
     model_cfg, cfg = prior_configs(args.preset, args.overrides, epochs=args.epochs,
                                    seed=args.seed)
     device = resolve_device(args.device)
-    vae = load_checkpoint(_vae_path(getattr(args, "vae", None)), device=device)
+    vae = load_checkpoint(vae_path(getattr(args, "vae", None)), device=device)
     if vae.model_name != "vae":
         raise UserError(f"--vae {vae.path} is a {vae.model_name} checkpoint, not a VAE")
     data = load_data(resolve_data_path(args.data),
@@ -69,7 +66,12 @@ def run_from_args(args: argparse.Namespace) -> int:
     train_prior(vae, data.train.images, data.val.images if data.val is not None else None,
                 out, model_config=model_cfg, cfg=cfg, device=device, resume=args.resume,
                 progress=progress_enabled())
-    print(f"mve train prior: done ({cfg.epochs} epoch(s)); the prior of {vae.path} is in {out}.\n"
-          f"A VAE samples from the prior in its prior/ folder by default: copy it there and run\n"
-          f"  mve generate --vae VAE_COPY --mode sample --n 64 --steps 16 --out grid.png")
+    print(done_message(vae.path, out, f"in this process ({cfg.epochs} epoch(s))"))
     return 0
+
+
+def done_message(vae: Path, out: Path, how: str) -> str:
+    """What ``mve train prior`` prints at the end, locally or on Ray Train."""
+    return (f"mve train prior {how}: done; the prior of {vae} is in {out}.\n"
+            f"A VAE samples from the prior in its prior/ folder by default: copy it there and "
+            f"run\n  mve generate --vae VAE_COPY --mode sample --n 64 --steps 16 --out grid.png")

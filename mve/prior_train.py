@@ -10,6 +10,11 @@ The prior keeps an exponential moving average of its weights (``torch.optim.swa_
 decay 0.999 as DDPM's); the checkpoint holds the EMA weights, and ``last/`` under the output
 holds the raw weights, optimiser and EMA state to resume from. The manifest names its VAE by
 the sha256 of the VAE's weights: a prior is only valid for the latent space it was fitted to.
+
+Data parallel (``cluster/prior_train.py`` runs it on Ray Train): with ``world_size`` W every
+rank takes a rank-strided shard of the same global batch of ``W * batch_size`` latents (as
+the classifier's loader does), ``wrap_model`` (DDP) averages the gradients, and only rank 0
+writes checkpoints. One worker reproduces the single-process run exactly.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +38,8 @@ from mve.checkpoint import Checkpoint, load_checkpoint, load_resume_state, save_
 from mve.diffusion import flow_matching_loss
 from mve.models.latent_prior import LatentPrior, LatentPriorConfig, check_prior_fits
 
-__all__ = ["PriorTrainConfig", "encode_split", "train_prior", "load_prior", "vae_reference"]
+__all__ = ["PriorTrainConfig", "encode_split", "train_prior", "export_prior",
+           "load_prior", "vae_reference"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,13 +121,22 @@ def _val_loss(model: nn.Module, latents: torch.Tensor, batch_size: int = 1000) -
 def train_prior(vae: Checkpoint, train_images: torch.Tensor, val_images: torch.Tensor | None,
                 out: str | Path, *, model_config: LatentPriorConfig | None = None,
                 cfg: PriorTrainConfig | None = None, device: str | torch.device = "cpu",
-                resume: bool = False, progress: bool = False) -> Path:
+                resume: bool = False, resume_from: str | Path | None = None,
+                progress: bool = False, rank: int = 0, world_size: int = 1,
+                wrap_model: Callable[[nn.Module], nn.Module] | None = None,
+                report: Callable[[dict[str, Any], Path | None], None] | None = None) -> Path:
     """Trains a prior for ``vae`` and saves its EMA weights at ``out`` (a checkpoint dir).
 
-    Returns ``out``. With ``resume``, continues from ``out/last`` when it exists.
+    Returns ``out``. With ``resume``, continues from ``out/last`` when it exists;
+    ``resume_from`` names such a checkpoint explicitly. As in :func:`mve.train.fit`,
+    ``rank``/``world_size``/``wrap_model`` make it one worker of a data-parallel run, and
+    ``report`` is called after every epoch on every rank with the epoch's row and, on rank 0,
+    the resumable ``last/`` checkpoint just written (else None).
     """
     cfg, model_config = cfg or PriorTrainConfig(), model_config or LatentPriorConfig()
     out, device = Path(out), torch.device(device)
+    if resume_from is None and resume and (out / "last").exists():
+        resume_from = out / "last"
     torch.manual_seed(cfg.seed)
     vae.model.to(device)
     train_z = encode_split(vae.model, train_images, flip=cfg.flip, progress=progress)
@@ -130,22 +146,28 @@ def train_prior(vae: Checkpoint, train_images: torch.Tensor, val_images: torch.T
     model.set_latent_stats(train_z.to(device))
     train_x = model.to_standard(train_z.to(device)).cpu()
     val_x = model.to_standard(val_z.to(device)).cpu() if val_z is not None else None
-    state = _State.create(model, cfg, len(train_x))
-    if resume and (out / "last").exists():
-        state.load(out / "last")
-    history = state.history
+    state = _State.create(model, cfg, len(train_x) // world_size, wrap_model)
+    if resume_from is not None:
+        state.load(Path(resume_from))
+    lead = rank == 0
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        loss = _train_epoch(state, train_x, cfg, device, epoch, progress)
+        loss = _train_epoch(state, train_x, cfg, device, epoch, progress and lead,
+                            (rank, world_size))
         row = {"epoch": epoch, "train_loss": loss, "train_time_s": time.perf_counter() - t0,
                "lr": state.opt.param_groups[0]["lr"]}
-        if val_x is not None:
+        if val_x is not None and lead:
             row["val_loss"] = _val_loss(state.ema.module, val_x)
-        history.append(row)
+        state.history.append(row)
         state.epoch = epoch
-        logger.info("prior epoch %d: %s", epoch, json.dumps(row))
-        state.save(out / "last", vae, model_config=model.config)
-    _save_final(state, vae, out, cfg, history)
+        last = None
+        if lead:
+            logger.info("prior epoch %d: %s", epoch, json.dumps(row))
+            last = state.save(out / "last", vae, cfg)
+        if report is not None:
+            report(row, last)
+    if lead:
+        _save_final(state, vae, out, cfg)
     return out
 
 
@@ -158,20 +180,27 @@ def _fit_shape(cfg: LatentPriorConfig, latents: torch.Tensor) -> LatentPriorConf
 
 
 def _train_epoch(state: _State, data: torch.Tensor, cfg: PriorTrainConfig,
-                 device: torch.device, epoch: int, progress: bool) -> float:
+                 device: torch.device, epoch: int, progress: bool, shard: tuple[int, int]
+                 ) -> float:
     model, opt, ema = state.model, state.opt, state.ema
+    rank, world_size = shard
     model.train()
+    # every rank draws the same permutation; rank 0 goes on drawing its noise from the same
+    # stream, so one worker reproduces the single-process run, and other ranks use their own
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     order = torch.randperm(len(data), generator=gen)
-    steps = len(data) // cfg.batch_size
+    noise = gen if rank == 0 else torch.Generator().manual_seed(
+        (cfg.seed * 100_003 + epoch) * 1_009 + rank)
+    width = cfg.batch_size * world_size  # the global batch
+    steps = len(data) // width
     total = 0.0
     bar = tqdm(range(steps), desc=f"prior {epoch}/{cfg.epochs}", disable=not progress,
                unit="step", leave=False)
     for i in bar:
-        x0 = data[order[i * cfg.batch_size:(i + 1) * cfg.batch_size]].to(device)
+        x0 = data[order[i * width:(i + 1) * width][rank::world_size]].to(device)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * _lr_factor(state.step, state.total_steps, cfg.warmup_steps)
-        loss = flow_matching_loss(model, x0, generator=gen)
+        loss = flow_matching_loss(state.forward, x0, generator=noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -182,15 +211,36 @@ def _train_epoch(state: _State, data: torch.Tensor, cfg: PriorTrainConfig,
     return total / max(steps, 1)
 
 
-def _save_final(state: _State, vae: Checkpoint, out: Path, cfg: PriorTrainConfig,
-                history: list[dict]) -> None:
-    ema = state.ema.module
-    ema.latent_mean.copy_(state.model.latent_mean)
-    ema.latent_std.copy_(state.model.latent_std)
+def _save_final(state: _State, vae: Checkpoint, out: Path, cfg: PriorTrainConfig) -> None:
+    _write_prior(state.ema.module, state.model, out, history=state.history,
+                 train_config=asdict(cfg), vae=vae_reference(vae))
+
+
+def _write_prior(ema: LatentPrior, raw: LatentPrior, out: Path, *, history: list[dict],
+                 train_config: dict[str, Any], vae: dict[str, Any]) -> None:
+    """The prior checkpoint: the EMA weights with the raw model's latent statistics (fixed
+    buffers, which the average must not blur), and ``history.json`` beside it."""
+    ema.latent_mean.copy_(raw.latent_mean)
+    ema.latent_std.copy_(raw.latent_std)
     save_checkpoint(out, ema, model_name="prior", model_config=ema.config,
                     preprocessing=_preprocessing(ema), metrics=history[-1] if history else {},
-                    train_config=asdict(cfg), extra={"vae": vae_reference(vae)})
+                    train_config=train_config, extra={"vae": vae})
     write_json(out / "history.json", history)
+
+
+def export_prior(last: str | Path, out: str | Path) -> Path:
+    """The prior checkpoint at ``out`` from a run's resumable ``last/`` checkpoint: what
+    :func:`train_prior` writes when it ends, for a driver that only holds the checkpoint its
+    workers reported (Ray Train)."""
+    raw = load_checkpoint(last)
+    weights, state = load_resume_state(last)
+    if raw.model_name != "prior" or state is None:
+        raise ValueError(f"{last} is not a resumable prior checkpoint")
+    ema = LatentPrior(raw.model.config)
+    ema.load_state_dict({k.removeprefix("ema."): v for k, v in state["ema"].items()})
+    _write_prior(ema, raw.model, Path(out), history=json.loads(state["history"]),
+                 train_config=raw.meta.get("train_config") or {}, vae=raw.meta["vae"])
+    return Path(out)
 
 
 def _preprocessing(model: LatentPrior) -> dict[str, Any]:
@@ -215,24 +265,29 @@ class _State:
     """The model, optimiser, EMA and counters of a run; saved to and loaded from ``last/``."""
 
     def __init__(self, model: LatentPrior, opt: torch.optim.Optimizer, ema: AveragedModel,
-                 total_steps: int):
+                 total_steps: int, forward: nn.Module):
         self.model, self.opt, self.ema, self.total_steps = model, opt, ema, total_steps
+        self.forward = forward  # the model as wrapped for data parallelism (or itself)
         self.step, self.epoch, self.history = 0, 0, []
 
     @classmethod
-    def create(cls, model: LatentPrior, cfg: PriorTrainConfig, n: int) -> _State:
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    def create(cls, model: LatentPrior, cfg: PriorTrainConfig, n_per_rank: int,
+               wrap: Callable[[nn.Module], nn.Module] | None = None) -> _State:
         ema = AveragedModel(model, avg_fn=_ema_with_warmup(cfg.ema_decay), use_buffers=True)
-        return cls(model, opt, ema, cfg.epochs * (n // cfg.batch_size))
+        forward = wrap(model) if wrap is not None else model
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return cls(model, opt, ema, cfg.epochs * (n_per_rank // cfg.batch_size), forward)
 
-    def save(self, path: Path, vae: Checkpoint, *, model_config: LatentPriorConfig) -> None:
+    def save(self, path: Path, vae: Checkpoint, cfg: PriorTrainConfig) -> Path:
         ema = {f"ema.{k}": v for k, v in self.ema.module.state_dict().items()}
         state = {"optimizer": self.opt.state_dict(), "ema": ema, "step": self.step,
                  "epoch": self.epoch, "history": json.dumps(self.history),
                  "n_averaged": self.ema.n_averaged}
-        save_checkpoint(path, self.model, model_name="prior", model_config=model_config,
-                        preprocessing=_preprocessing(self.model), training_state=state,
-                        extra={"vae": vae_reference(vae)})
+        return save_checkpoint(path, self.model, model_name="prior",
+                               model_config=self.model.config,
+                               preprocessing=_preprocessing(self.model), training_state=state,
+                               metrics=self.history[-1] if self.history else {},
+                               train_config=asdict(cfg), extra={"vae": vae_reference(vae)})
 
     def load(self, path: Path) -> None:
         weights, state = load_resume_state(path)

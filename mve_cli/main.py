@@ -133,16 +133,18 @@ def train(args: argparse.Namespace) -> int:
     """``mve train``: in this process with --local (no Ray imported), else on Ray Train."""
     if args.vae and args.model != "prior":
         raise UserError("--vae is for `mve train prior` (the VAE whose latents it models)")
-    if args.model == "prior":
-        from mve.prior_run import run_from_args
-    elif args.local:
-        from mve.local_train import run_from_args
+    prior = args.model == "prior"
+    if args.local:
+        module = "mve.prior_run" if prior else "mve.local_train"
     else:
-        try:
-            from cluster.train import run_from_args
-        except ImportError as exc:
-            raise UserError(f"Ray Train is not available ({exc}); pass --local to train in "
-                            "this process") from None
+        module = "cluster.prior_train" if prior else "cluster.train"
+    try:
+        run_from_args = importlib.import_module(module).run_from_args
+    except ImportError as exc:
+        if args.local:
+            raise
+        raise UserError(f"Ray Train is not available ({exc}); pass --local to train in "
+                        "this process") from None
     return run_from_args(args)
 
 
