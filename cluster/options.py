@@ -1,11 +1,12 @@
-"""The Ray Train options of ``mve train`` and ``python -m cluster.train`` (no Ray import, so
-``mve --help`` stays fast)."""
+"""The Ray Train options of ``mve train`` and ``python -m cluster.train``, and the
+:class:`ClusterConfig` they become (no Ray import, so ``mve --help`` stays fast)."""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
-__all__ = ["ray_train_parent", "train_parser"]
+__all__ = ["ClusterConfig", "ray_train_parent", "train_parser"]
 
 
 def ray_train_parent() -> argparse.ArgumentParser:
@@ -36,3 +37,21 @@ def train_parser(prog: str, description: str | None = None) -> argparse.Argument
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    parents=[train_parent(), ray_train_parent(),
                                             verbosity_parent()])
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where and how a run executes; never reaches ``mve``."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    storage: str | None = None  # local/shared path or s3://...; None: ./runs/ray
+    s3_endpoint: str | None = None
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint
+    num_to_keep: int = 2  # best checkpoints kept, by the validation metric
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")

@@ -30,8 +30,8 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
 from cluster.checkpoints import resume_point, upload_checkpoint
 from cluster.common import check_gpus, fetch_checkpoint, init_ray, scalar_metrics
+from cluster.options import ClusterConfig
 from cluster.torch_backend import LoopbackStoreTorchConfig
-from cluster.train import ClusterConfig
 from mve.checkpoint import load_checkpoint, read_meta
 from mve.data import load_data, resolve_data_path
 from mve.errors import UserError

@@ -27,7 +27,6 @@ import os
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
 from cluster.checkpoints import resume_point, upload_checkpoint
 from cluster.common import check_gpus, fetch_checkpoint, init_ray, scalar_metrics
-from cluster.options import train_parser
+from cluster.options import ClusterConfig, train_parser
 from cluster.torch_backend import LoopbackStoreTorchConfig
 from cluster.tracking import tracking_setup, worker_tracker
 from mve import local_train
@@ -61,24 +60,6 @@ __all__ = ["ClusterConfig", "train_fn_per_worker", "upload_checkpoint", "build_t
            "run_name", "run_training", "run_from_args", "run", "main"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    """Where and how a run executes; never reaches ``mve``."""
-
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0
-    storage: str | None = None  # local/shared path or s3://...; None: ./runs/ray
-    s3_endpoint: str | None = None
-    max_failures: int = 2  # worker-group restarts from the latest checkpoint
-    num_to_keep: int = 2  # best checkpoints kept, by the validation metric
-
-    def __post_init__(self) -> None:
-        if self.num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
 
 
 class _TrainMetrics:

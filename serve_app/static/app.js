@@ -68,7 +68,10 @@ function showImages(out) {
 }
 
 async function sample() {
-  showImages(await call("v1/vae/sample?" + vaeQuery(true), {method: "POST", headers: headers()}));
+  const q = new URLSearchParams(vaeQuery(true));
+  // Only /v1/vae/sample takes steps (the diffusion prior's sampler); empty means its default.
+  if ($("steps").value !== "") q.set("steps", $("steps").value);
+  showImages(await call("v1/vae/sample?" + q, {method: "POST", headers: headers()}));
 }
 
 async function variations() {

@@ -14,8 +14,8 @@ import ray
 import torch
 from _archives import colour_archive  # tests/integration/_archives.py
 
+from cluster.options import ClusterConfig
 from cluster.prior_train import prior_run_name, run_prior_training
-from cluster.train import ClusterConfig
 from mve.checkpoint import load_checkpoint, save_checkpoint
 from mve.data import load_data
 from mve.diffusion import sample_latents

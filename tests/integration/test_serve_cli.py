@@ -233,6 +233,19 @@ def test_web_page_in_headless_chromium(served: Served) -> None:
             "return document.querySelectorAll('img.sample').length === 6 && "
             "[...document.querySelectorAll('img.sample')].every(i => i.complete)"))
         assert driver.find_element(By.ID, "error").text == ""
+        # the steps field reaches /v1/vae/sample: an out-of-range value is the server's 422
+        steps = driver.find_element(By.ID, "steps")
+        steps.send_keys("0")
+        driver.find_element(By.ID, "sample-btn").click()
+        wait.until(lambda d: "(422)" in d.find_element(By.ID, "error").text)
+        steps.clear()
+        steps.send_keys("4")
+        driver.execute_script("document.getElementById('samples').replaceChildren()")
+        driver.find_element(By.ID, "sample-btn").click()
+        wait.until(lambda d: d.execute_script(
+            "return document.querySelectorAll('img.sample').length === 6 && "
+            "[...document.querySelectorAll('img.sample')].every(i => i.complete)"))
+        assert driver.find_element(By.ID, "error").text == ""
         png = driver.get_screenshot_as_png()
         assert Image.open(io.BytesIO(png)).size[0] > 0
         # /docs renders from the server's own assets (this machine cannot reach a CDN)
