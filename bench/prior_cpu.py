@@ -5,8 +5,8 @@ samples with the GMM prior's, by one FID protocol for every row.
         --out bench/results/prior-cpu-2026-12-05 [--preset small --epochs 12 --fid-n 2000]
 
 Protocol (Inception-v3 pool features, ``mve.fid``): every row compares ``--fid-n`` images with
-the same ``--fid-n`` seeded training images; the validation rows use the first ``--fid-n``
-validation images. At n = 2,000 FID is biased upwards against the usual 10k/50k (the field's
+the same ``--fid-n`` seeded training images; the validation rows use a seeded, stratified
+sample of ``--fid-n`` validation images. At n = 2,000 FID is biased upwards against the usual 10k/50k (the field's
 convention is 50,000 samples against all training images; see the GPU script for that), so
 only rows of one table compare. The data is JPEG (quality ~75): no row is comparable with
 published CIFAR-10 FIDs.
@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mve.checkpoint import load_checkpoint  # noqa: E402
-from mve.data import denormalize_to_uint8, load_data  # noqa: E402
+from mve.data import denormalize_to_uint8, load_data, showcase  # noqa: E402
 from mve.fid import (  # noqa: E402
     InceptionFeatures,
     compute_features,
@@ -128,7 +128,9 @@ def evaluate(args: argparse.Namespace, data, model) -> dict:
     ref = reference_features(extractor, data.train.images[idx], fingerprint=json.dumps(
         ["prior_cpu", data.provenance.get("sha256"), n]), progress=True)
     rows: dict[str, dict] = {}
-    val = data.val.images[:n]
+    # a stratified sample: the split keeps the class-sorted source's order (its first 1,000
+    # images are airplanes and automobiles)
+    val = showcase(data.val, n, len(data.class_names)).images
     _score("real (validation) vs train", val, ref, extractor, rows)
     recon = _generated(lambda k, i: model.reconstruct(val[i * 250:i * 250 + k].float()
                                                       / 127.5 - 1), n)

@@ -234,7 +234,7 @@ def run_training(cfg: TrainConfig, cluster: ClusterConfig, data_path: str, *, ou
             data = load_data(data_path, val_size=cfg.data.val_size, seed=cfg.data.split_seed,
                              limit=cfg.data.limit, image_size=cfg.data.image_size)
             details = finalize_run(out, final, cfg=cfg, command=run_info()["command"],
-                                   val_images=data.val.images if data.val is not None else None)
+                                   val_images=data.showcase_images())
         summary = {"run_name": name, "storage": str(result.path), "out": str(out),
                    "checkpoint": str(result.checkpoint.path),
                    "metrics": scalar_metrics(result.metrics or {}), "details": details}

@@ -75,7 +75,7 @@ def train_local(cfg: TrainConfig, out: str | Path, *, device: torch.device,
             raise RuntimeError(f"training finished without writing a checkpoint under {ckpts}")
         details = finalize_run(out, final, cfg=cfg, history=result.history,
                                command=info["command"],
-                               val_images=data.val.images if data.val is not None else None)
+                               val_images=data.showcase_images())
         publish_to_mlflow(mlflow, out, register_as=tracking.register_as)
     except BaseException:
         mlflow.end("FAILED")

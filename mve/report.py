@@ -117,7 +117,8 @@ def vae_grids(model: torch.nn.Module, images: torch.Tensor, out: str | Path, *,
     model's configured prior) and variations.png.
 
     Args:
-        images: uint8 [N, 3, H, W] validation images; the first ``n // 2`` are used.
+        images: uint8 [N, 3, H, W] validation images, every class in turn
+            (:meth:`DataBundle.showcase_images`); the first ``n // 2`` are used.
     """
     from mve.data import denormalize_to_uint8, normalize
     from mve.plots import plot_image_grid
@@ -152,6 +153,7 @@ def write_vae_report(out: str | Path, model: torch.nn.Module, val_images: torch.
     """Writes REPORT.md for a VAE checkpoint directory with its grids.
 
     Args:
+        val_images: the validation images drawn (:meth:`DataBundle.showcase_images`).
         metrics: ``val_psnr``, ``val_ssim``, ``val_elbo_bpd`` (+ ``val_num_samples``) and
             optionally the output of :func:`mve.fid.sample_quality` (``fid``/``kid`` or
             ``fcd``/``kcd`` with their sample counts).
@@ -169,8 +171,8 @@ def write_vae_report(out: str | Path, model: torch.nn.Module, val_images: torch.
     parts = [f"# {title}", "",
              f"{n_params:,} parameters; latent {latent} "
              f"({getattr(cfg, 'latent_dim', '?')} values); prior: {prior}.", ""]
-    n_val = int(val.get("num_samples", len(val_images)))
-    parts += [f"## Validation ({n_val:,} images, pixels in [0, 1] quantised to 8 bits; bits/dim "
+    n_val = f"{int(val['num_samples']):,} images, " if "num_samples" in val else ""
+    parts += [f"## Validation ({n_val}pixels in [0, 1] quantised to 8 bits; bits/dim "
               "is the beta = 1 negative ELBO)", "", format_vae_metrics(val), ""]
     if quality:
         feats = quality.get("fid_features", "")

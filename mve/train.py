@@ -70,11 +70,11 @@ def tracker_for(cfg: TrainConfig, data: DataBundle, *, logdir: str | Path | None
                 ) -> EpochTracker:
     """The tracker of a run of ``cfg`` on ``data``: event files in ``logdir`` (None: none),
     MLflow when ``mlflow`` is a started run, ``hparams`` (default: the flattened config) with
-    the final metrics; a VAE's grids use the first validation images."""
+    the final metrics; a VAE's grids use a showcase of the validation images."""
     track = EpochTracker(logdir=logdir, mlflow=mlflow,
                          hparams=flat_values(cfg.to_dict()) if hparams is None else hparams)
     if get_spec(cfg.model).task == "generation" and data.val is not None and len(data.val):
-        track.watch_images(data.val.images, preprocessing_for(cfg, data))
+        track.watch_images(data.showcase_images(), preprocessing_for(cfg, data))
     return track
 
 

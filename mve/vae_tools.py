@@ -148,7 +148,7 @@ def vae_report(ckpt: Checkpoint, data: DataBundle, dest: str | Path, *, fid: int
                                           batch_size=min(batch_size, 250),
                                           **(fid_options or {})))
     rewrite_checkpoint(ckpt, Path(dest), metrics=metrics)
-    path = write_vae_report(Path(dest), ckpt.model, val.images, metrics=metrics,
+    path = write_vae_report(Path(dest), ckpt.model, data.showcase_images(), metrics=metrics,
                             preprocessing=prep, reproduce=reproduce, title=title,
                             prior_info=ckpt.meta.get("latent_prior"))
     return metrics, path

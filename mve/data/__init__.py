@@ -17,6 +17,7 @@ from mve.data.splits import (
     load_data,
     make_splits,
     resolve_data_path,
+    showcase,
     stratified_subset,
 )
 from mve.data.transforms import (
@@ -39,6 +40,7 @@ __all__ = [
     "RawDataset",
     "Split",
     "TensorLoader",
+    "showcase",
     "stratified_subset",
     "augment_batch",
     "channel_stats",

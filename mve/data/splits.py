@@ -16,7 +16,7 @@ import torch
 from mve.data.sources import DataError, RawDataset, load_source
 
 __all__ = ["DataBundle", "Split", "channel_stats", "load_data", "make_splits",
-           "resolve_data_path", "stratified_subset"]
+           "resolve_data_path", "showcase", "stratified_subset"]
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -64,6 +64,13 @@ class DataBundle:
                             f"{'absent' if s is None else 'empty'}; available splits: {available}")
         return s
 
+    def showcase_images(self, limit: int = 32) -> torch.Tensor | None:
+        """The validation images that reports and grids draw: :func:`showcase` of the split
+        (every class in turn), or None when there is no validation split."""
+        if self.val is None or len(self.val) == 0:
+            return None
+        return showcase(self.val, limit, len(self.class_names)).images
+
 
 def channel_stats(images: torch.Tensor, chunk: int = 2048) -> tuple[tuple[float, ...],
                                                                     tuple[float, ...]]:
@@ -109,6 +116,22 @@ def stratified_subset(split: Split, limit: int, num_classes: int, *, seed: int =
     keep = _quotas(limit, split.class_counts(num_classes))
     idx = torch.cat([order[labels == k][:n] for k, n in enumerate(keep)]).sort().values
     return Split(split.images[idx], split.labels[idx])
+
+
+def showcase(split: Split, limit: int, num_classes: int, *, seed: int = 0) -> Split:
+    """A stratified, seeded sample of ``split`` (as :func:`stratified_subset`) ordered class by
+    class in turn, so that every prefix covers the classes: the images drawn in reports and
+    grids, and the ones scored as "the validation images". Splits keep the source's order,
+    and a class-sorted image folder's first images are all of its first class."""
+    part = stratified_subset(split, limit, num_classes, seed=seed)
+    labels = part.labels
+    # rank of each image within its class, then class: 0th of every class, 1st of every class...
+    rank = torch.zeros_like(labels)
+    for k in range(num_classes):
+        mask = labels == k
+        rank[mask] = torch.arange(int(mask.sum()))
+    order = torch.argsort(rank * num_classes + labels, stable=True)
+    return Split(part.images[order], labels[order])
 
 
 def _hold_out(raw: RawDataset, pool: torch.Tensor, val_size: int,

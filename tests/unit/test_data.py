@@ -32,6 +32,7 @@ from mve.data import (
     load_source,
     make_splits,
     resolve_data_path,
+    showcase,
 )
 
 CLASSES = tuple(f"class{c:02d}" for c in range(10))
@@ -430,10 +431,12 @@ def test_concurrent_cache_fill(fake: dict, tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- splits
-def _synthetic(sizes: list[int], n_test: int = 0) -> RawDataset:
-    """A RawDataset whose pixel [0, 0, 0:2] encodes the image index (to track identity)."""
+def _synthetic(sizes: list[int], n_test: int = 0, *, by_class: bool = False) -> RawDataset:
+    """A RawDataset whose pixel [0, 0, 0:2] encodes the image index (to track identity);
+    ``by_class``: sorted by class, as an image folder is."""
     labels = torch.cat([torch.full((s,), c) for c, s in enumerate(sizes)])
-    labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(3))]
+    if not by_class:
+        labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(3))]
     n = len(labels) + n_test
     labels = torch.cat([labels, torch.arange(n_test) % len(sizes)])
     images = torch.randint(0, 256, (n, 3, 4, 4), generator=torch.Generator().manual_seed(4),
@@ -480,6 +483,24 @@ def test_limit_independent_and_stratified() -> None:
         assert torch.equal(make_splits(raw, val_size=50, seed=1, limit=limit).train.images,
                            lim.train.images)
     assert len(make_splits(raw, val_size=50, limit=10_000).train) == 400
+
+
+def test_showcase_covers_every_class_in_every_prefix() -> None:
+    """The images reports draw and score as "the validation images": the splits keep a
+    class-sorted source's order, so the old ``val.images[:k]`` were all of the first classes."""
+    raw = _synthetic([100, 80, 120, 90, 60], by_class=True)
+    bundle = make_splits(raw, val_size=50, seed=3)
+    assert bundle.val.labels[:10].tolist() == [0] * 10  # the order the showcase must not keep
+    shown = showcase(bundle.val, 20, 5, seed=0)
+    assert shown.labels[:5].sort().values.tolist() == [0, 1, 2, 3, 4]
+    assert shown.class_counts(5) == [4] * 5 and _ids(shown) <= _ids(bundle.val)
+    assert torch.equal(shown.images, showcase(bundle.val, 20, 5, seed=0).images)
+    assert _ids(showcase(bundle.val, 20, 5, seed=1)) != _ids(shown)
+    everything = showcase(bundle.val, 500, 5)
+    assert _ids(everything) == _ids(bundle.val) and everything.labels[:5].tolist() == [0, 1, 2, 3, 4]
+    drawn = bundle.showcase_images(10)
+    assert len(drawn) == 10 and _ids(Split(drawn, drawn.new_zeros(10))) <= _ids(bundle.val)
+    assert make_splits(raw, val_size=0).showcase_images() is None
 
 
 def test_split_errors_and_edge_cases(fake: dict) -> None:
