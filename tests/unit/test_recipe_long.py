@@ -71,6 +71,24 @@ def test_every_architecture_of_the_arch_space_stays_under_one_million_parameters
         (REPO / "cluster" / "spaces" / "classifier-arch.yaml").read_bytes()
 
 
+@pytest.mark.parametrize("name,preset", [("classifier-fast", "fast"),
+                                         ("classifier-arch", "best")])
+def test_every_model_a_classifier_space_can_draw_fits_the_budget(name, preset):
+    """Every combination of the space's model choices: a search must not pick a winner that
+    cannot ship (the fast space once drew a third conv per group at 1.59M parameters)."""
+    import itertools
+
+    from cluster.search import base_config, load_space, trial_config
+
+    space = load_space(str(REPO / "cluster" / "spaces" / f"{name}.yaml"), "classifier")
+    base = base_config("classifier", space, preset=preset).to_dict()
+    model_keys = [k for k in space.params if k.startswith("model.")]
+    assert all(space.params[k].dist == "choice" for k in model_keys), model_keys
+    for values in itertools.product(*(space.params[k].args for k in model_keys)):
+        point = dict(zip(model_keys, values, strict=True))
+        assert _params(trial_config(base, point)) <= 1_000_000, point
+
+
 def test_widths_also_read_from_a_string():
     for text in ("64,176,176", "64x176x176"):
         assert make_config("classifier", {"widths": text}, preset="convgroups").widths == \
