@@ -2,7 +2,7 @@
 samples with the GMM prior's, by one FID protocol for every row.
 
     python bench/prior_cpu.py --data ../shared/data/cifar10-train-jpeg.tar.gz \
-        --out bench/results/prior-cpu-2026-12-05 [--preset small --epochs 12 --fid-n 2000]
+        --out /tmp/prior-cpu [--preset small --epochs 8 --fid-n 5000]
 
 Protocol (Inception-v3 pool features, ``mve.fid``): every row compares ``--fid-n`` images with
 the same ``--fid-n`` seeded training images; the validation rows use a seeded, stratified
