@@ -112,3 +112,33 @@ def haproxy_servers(stats_port: int, host: str = "127.0.0.1") -> dict[str, dict[
         text = r.read().decode()
     rows = csv.DictReader(text.lstrip("# ").splitlines())
     return {row["svname"]: row for row in rows if row["svname"] not in ("FRONTEND", "BACKEND")}
+
+
+def replica_address(app: str, deployment: str, stats_port: int, *,
+                    timeout_s: float = 60.0) -> str:
+    """``host:port`` of the direct-ingress HTTP server of ``app``'s ``deployment`` replica
+    on this node, once HAProxy routes to it.
+
+    ``serve.run`` returns when the application is RUNNING, but the controller hands the
+    replica's port to HAProxy a moment later: waiting for HAProxy's config line and its
+    health check avoids that race. The address is read from the config HAProxy runs (its
+    stats leave ``addr`` empty for servers Ray writes there).
+    """
+    import time
+
+    import ray
+
+    prefix = f"SERVE_REPLICA_{app}-{deployment}-"
+    cfg = Path(f"/tmp/haproxy-serve/{ray.get_runtime_context().get_node_id()}/haproxy.cfg")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        lines = cfg.read_text().splitlines() if cfg.exists() else []
+        found = {f[1]: f[2] for f in (line.split() for line in lines)
+                 if len(f) > 2 and f[0] == "server" and f[1].startswith(prefix)}
+        up = {n for n, row in haproxy_servers(stats_port).items() if row["status"] == "UP"}
+        ready = sorted(addr for name, addr in found.items() if name in up)
+        if ready:
+            return ready[0]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {prefix}* server UP in {cfg} after {timeout_s:.0f} s")
+        time.sleep(0.25)

@@ -31,6 +31,7 @@ from serve_app.testing import (
     make_vae,
     png_bytes,
     random_images,
+    replica_address,
 )
 
 pytestmark = pytest.mark.ray
@@ -288,11 +289,8 @@ def test_requests_reach_the_model_replica_without_the_python_proxy(server: Serve
     assert to("SERVE_REPLICA_vae-VAE-") == 3
     assert to("SERVE_PROXY_ACTOR") == 0 and to("SERVE_REPLICA_mve-Front-") == 0
     # the replica's own port is an HTTP server that runs the model
-    import ray
-
-    cfg = Path(f"/tmp/haproxy-serve/{ray.get_runtime_context().get_node_id()}/haproxy.cfg")
-    (addr,) = [line.split()[2] for line in cfg.read_text().splitlines()
-               if line.strip().startswith("server SERVE_REPLICA_classifier-Classifier-")]
+    addr = replica_address("classifier", "Classifier",
+                           int(server.env["RAY_SERVE_HAPROXY_STATS_PORT"]))
     direct = requests.post(f"http://{addr}/v1/classify", data=jpeg, timeout=30,
                            headers={"Content-Type": "image/jpeg"})
     assert direct.status_code == 200 and direct.json()["model"] == "classifier"

@@ -22,11 +22,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from _sockets import listeners  # tests/integration/_sockets.py
 
 from serve_app.dataplane import applied, embedded_env
 from serve_app.deploy import app_config, deploy, load_config
-from serve_app.testing import free_port, make_classifier
+from serve_app.testing import free_port, make_classifier, replica_address
 
 pytestmark = pytest.mark.ray
 
@@ -50,11 +49,10 @@ def urls(tmp_path_factory) -> dict[str, str]:
                  logging_level=logging.WARNING)
     try:
         deploy(app_config(load_config(), {"classifier": str(clf)}, host="127.0.0.1", port=port))
-        # The replica's direct-ingress HTTP server: Serve hands out ports from 30000-31000.
-        direct = [s.port for s in listeners(os.getpid()) if "ServeReplica:classifier:" in
-                  s.process and 30000 <= s.port <= 31000 and s.loopback]
-        assert len(direct) == 1, direct
-        yield {"haproxy": f"http://127.0.0.1:{port}", "replica": f"http://127.0.0.1:{direct[0]}"}
+        # The replica's direct-ingress HTTP server (Serve hands out ports from 30000-31000).
+        direct = replica_address("classifier", "Classifier",
+                                 int(env["RAY_SERVE_HAPROXY_STATS_PORT"]))
+        yield {"haproxy": f"http://127.0.0.1:{port}", "replica": f"http://{direct}"}
     finally:
         serve.shutdown()
         ray.shutdown()
