@@ -1,4 +1,4 @@
-"""The shipped models/cifar10-vae reproduces its recorded validation PSNR (slow)."""
+"""The shipped models/cifar10-vae: its recorded validation PSNR (slow) and its diffusion prior."""
 
 from __future__ import annotations
 
@@ -37,3 +37,19 @@ def test_shipped_vae_reproduces_its_recorded_psnr():
     m = evaluate(ckpt.model, loader, task="generation", device=torch.device("cpu"))
     assert m["num_samples"] == len(data.val)
     assert abs(m["psnr"] - recorded) <= 0.3, (m["psnr"], recorded)
+
+
+@pytest.mark.skipif(not (SHIPPED / "prior" / "mve.json").is_file(),
+                    reason=f"{SHIPPED}/prior is not shipped yet")
+def test_shipped_vae_samples_from_its_shipped_diffusion_prior():
+    """The shipped prior fits the shipped VAE's encoder (else it would be left out with a
+    warning), and the VAE's samplers use it unless asked for the mixture."""
+    ckpt = load_checkpoint(SHIPPED)
+    vae = ckpt.model
+    assert vae.diffusion_prior is not None and vae.default_prior() == "diffusion"
+    draws = vae.sample(4, seed=0, steps=4)
+    assert torch.equal(draws, vae.sample(4, seed=0, steps=4, prior="diffusion"))
+    assert not torch.equal(draws, vae.sample(4, seed=0, prior="gmm"))
+    assert draws.shape == (4, 3, 32, 32) and torch.isfinite(draws).all()
+    prior = load_checkpoint(SHIPPED / "prior")
+    assert prior.meta["vae"]["weights_sha256"] == ckpt.meta["files"]["model.safetensors"]["sha256"]
