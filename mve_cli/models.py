@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from mve.checkpoint import PRIOR_DIR
 from mve.config import DEFAULT_RECIPE, RECIPE_NOTES, RECIPES
 from mve.pretrained import ModelInfo, list_models, missing_message
 
@@ -29,7 +30,8 @@ def _headline(m: ModelInfo) -> str:
     if "val_accuracy" in x:
         parts.append(f"validation accuracy {100 * x['val_accuracy']:.1f}%")
     if "fid" in x:
-        parts.append(f"FID {x['fid']:.1f} ({x.get('fid_num_samples', 0):,} samples)")
+        prior = f"{x['fid_prior']} prior, " if "fid_prior" in x else ""
+        parts.append(f"FID {x['fid']:.1f} ({prior}n={x.get('fid_num_samples', 0):,})")
     if "val_psnr" in x:
         parts.append(f"PSNR {x['val_psnr']:.1f} dB")
     if "val_elbo_bpd" in x and "fid" not in x:
@@ -66,6 +68,9 @@ def models(args: argparse.Namespace) -> int:
             continue
         print(f"  {m.name:<20} {m.kind:<11} {m.num_params:>9,} params  {_headline(m)}")
         print(f"  {'':<20} {_relative(m.path)} (card: REPORT.md)")
+        if (m.path / PRIOR_DIR / "mve.json").is_file():  # what its samplers use by default
+            print(f"  {'':<20} samples from its diffusion prior: {PRIOR_DIR}/ (card: "
+                  f"{PRIOR_DIR}/REPORT.md)")
     print("\nTraining presets (mve train FAMILY --preset NAME; * = the default):")
     for family, recipes in RECIPES.items():
         for name in recipes:

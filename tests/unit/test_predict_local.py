@@ -86,7 +86,8 @@ def test_predict_with_an_explicit_checkpoint_and_bad_arguments(images: list[Path
 
 
 def _digests(d: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 def test_generate_locally_leaves_the_checkpoint_as_it_was(images: list[Path],
@@ -109,6 +110,8 @@ def test_models_lists_shipped_models_and_presets(tmp_path: Path) -> None:
     text = _mve("models", cwd=tmp_path).stdout
     assert "cifar10-classifier" in text and "992,152 params" in text
     assert "cifar10-vae" in text and "2,136,734 params" in text
+    assert "FID 88.1 (gmm prior, n=10,000)" in text
+    assert "samples from its diffusion prior: prior/" in text
     assert "validation accuracy 91.4%" in text and "FID 88.1" in text
     assert max(len(line) for line in text.splitlines()) <= 100
     data = json.loads(_mve("models", "--json", cwd=tmp_path).stdout)
