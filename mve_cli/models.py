@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from mve.checkpoint import PRIOR_DIR
+from mve.checkpoint import META, PRIOR_DIR
 from mve.config import DEFAULT_RECIPE, RECIPE_NOTES, RECIPES
 from mve.pretrained import ModelInfo, list_models, missing_message
 
@@ -68,7 +68,7 @@ def models(args: argparse.Namespace) -> int:
             continue
         print(f"  {m.name:<20} {m.kind:<11} {m.num_params:>9,} params  {_headline(m)}")
         print(f"  {'':<20} {_relative(m.path)} (card: REPORT.md)")
-        if (m.path / PRIOR_DIR / "mve.json").is_file():  # what its samplers use by default
+        if (m.path / PRIOR_DIR / META).is_file():  # what its samplers use by default
             print(f"  {'':<20} samples from its diffusion prior: {PRIOR_DIR}/ (card: "
                   f"{PRIOR_DIR}/REPORT.md)")
     print("\nTraining presets (mve train FAMILY --preset NAME; * = the default):")

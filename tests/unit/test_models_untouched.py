@@ -6,7 +6,6 @@ without ``--out`` or ``--in-place``."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -15,15 +14,11 @@ from pathlib import Path
 
 import pytest
 from _archives import colour_archive  # tests/integration/_archives.py
+from _digests import tree_digests  # tests/integration/_digests.py
 
 from serve_app.testing import CIFAR10_CLASSES
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +36,7 @@ def _mve(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProc
 
 
 def test_read_only_commands_leave_the_models_byte_identical(models_copy, tmp_path):
-    before = _digests(models_copy)
+    before = tree_digests(models_copy)
     # the shipped checkpoints record a 5,000-image validation hold-out: 505 per class holds it
     data = colour_archive(tmp_path / "data", names=CIFAR10_CLASSES, per_class=505, noise=10)
     image = tmp_path / "cat.png"
@@ -65,5 +60,5 @@ def test_read_only_commands_leave_the_models_byte_identical(models_copy, tmp_pat
         out = _mve("vae", action, str(models_copy / "cifar10-vae"), "--data", str(data),
                    cwd=work, env=env)
         assert out.returncode == 2 and "--in-place" in out.stderr
-    assert _digests(models_copy) == before
+    assert tree_digests(models_copy) == before
     assert list(work.glob("confusion_matrix_*.png"))  # evaluate wrote where it runs, not there

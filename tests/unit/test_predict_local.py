@@ -3,7 +3,6 @@ newcomer runs first, as subprocesses (no Ray; the answer has the server's JSON s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _digests import tree_digests  # tests/integration/_digests.py
 from PIL import Image
 
 import mve
@@ -85,15 +85,10 @@ def test_predict_with_an_explicit_checkpoint_and_bad_arguments(images: list[Path
     assert remote.returncode == 2 and "--tta and --device apply to a local model" in remote.stderr
 
 
-def _digests(d: Path) -> dict[str, str]:
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(d.rglob("*")) if p.is_file()}
-
-
 def test_generate_locally_leaves_the_checkpoint_as_it_was(images: list[Path],
                                                           tmp_path: Path) -> None:
     vae = shutil.copytree(ROOT / "models" / "cifar10-vae", tmp_path / "vae")
-    before = _digests(vae)
+    before = tree_digests(vae)
     for mode, extra in (("sample", []), ("variations", ["--image", str(images[0])]),
                         ("interpolate", ["--image", str(images[0]), "--image",
                                          str(images[1])])):
@@ -103,7 +98,7 @@ def test_generate_locally_leaves_the_checkpoint_as_it_was(images: list[Path],
         with Image.open(out) as im:
             assert im.size == ((4 * 34 + 2, 34 + 2) if mode == "interpolate"
                                else (2 * 34 + 2, 2 * 34 + 2))
-    assert _digests(vae) == before
+    assert tree_digests(vae) == before
 
 
 def test_models_lists_shipped_models_and_presets(tmp_path: Path) -> None:
